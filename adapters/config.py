@@ -1,0 +1,90 @@
+"""The base configuration shared by every adapter method.
+
+A method's config is a dataclass that subclasses :class:`AdapterConfig`; the registry knows it by
+the method name. Configs round-trip through JSON (``to_dict`` / ``from_dict``) so that a saved
+adapter can be rebuilt with exactly the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+# Fields that describe the data used at init, not the adapter: they are never written to JSON.
+RUNTIME_ONLY_FIELDS = ("calibration", "task_vectors")
+
+
+@dataclass
+class AdapterConfig:
+    """Settings every adapter understands (PEFT's names).
+
+    Attributes:
+        target_modules: module-name suffixes (``["query", "value"]``), a regular expression
+            matched against the full module name, ``"all-linear"`` (every ``nn.Linear`` but the
+            output head) or None for the method's default.
+        exclude_modules: suffixes or a regex of modules never to adapt.
+        modules_to_save: suffixes of extra modules (e.g. a classification head) that are trained
+            in full and saved with the adapter; each adapter gets its own copy.
+        rank_pattern: per-layer overrides of ``r`` (full module name or suffix -> rank). Methods
+            that choose ranks themselves write their choice here so a saved adapter reloads.
+    """
+
+    method: ClassVar[str] = ""
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for settings outside their allowed range (methods extend this)."""
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                setattr(self, name, list(value))
+            elif value is not None and not isinstance(value, (str, list)):
+                raise ValueError(f"{name} must be a list of name suffixes, a regex string or None, got {value!r}")
+        if self.modules_to_save is not None and not isinstance(self.modules_to_save, (list, tuple)):
+            raise ValueError(f"modules_to_save must be a list of module-name suffixes, got {self.modules_to_save!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings, without runtime-only data such as calibration loaders."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in RUNTIME_ONLY_FIELDS:
+                continue
+            out[f.name] = getattr(self, f.name)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "AdapterConfig":
+        check_fields(cls, values)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        check_fields(type(self), changes)
+        return dataclasses.replace(self, **changes)
+
+
+def check_fields(cls: type[AdapterConfig], values: dict[str, Any]) -> None:
+    """Reject unknown config keys with a message listing the allowed ones."""
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {unknown} for adapter {cls.method!r}; allowed: {sorted(allowed)}"
+        )
+
+
+def positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

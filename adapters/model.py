@@ -1,0 +1,405 @@
+"""The model-level wrapper: :class:`AdaptedModel`, :func:`wrap` and :func:`load`.
+
+``wrap(model, "bone", r=64, target_modules=[...])`` finds the target layers, lets the method
+prepare (calibrate, allocate ranks), builds every per-layer adapter and only then swaps the
+layers in, so a failure leaves the model untouched. The base model is frozen; only the active
+adapter's tensors (and its ``modules_to_save`` copies) train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .base import RESIDUAL_BUFFERS, AdaptedLayer, Adapter, SavedModule
+from .config import AdapterConfig
+from .registry import get_method, make_config
+from .targeting import find_targets, iter_layers, name_matches, set_submodule
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+SAVED_PREFIX = "modules_to_save."
+FORMAT_VERSION = 1
+
+
+class AdaptedModel(nn.Module):
+    """A base model carrying one or more named adapters (PEFT's ``PeftModel`` counterpart)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if isinstance(model, AdaptedModel):
+            raise TypeError("model is already an AdaptedModel; call add_adapter on it instead")
+        self.base_model = model
+        self.configs: dict[str, AdapterConfig] = {}
+        self.active_adapters: list[str] = []
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    # ---- adapters ------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        method: str | AdapterConfig,
+        *,
+        _state: dict[str, Tensor] | None = None,
+        **options: Any,
+    ) -> "AdaptedModel":
+        """Add a new adapter (inactive unless it is the first). ``method`` is a registered name or
+        a config object; keyword options set config fields."""
+        check_adapter_name(adapter_name, self.configs)
+        config = make_config(method, **options)
+        spec = get_method(config.method)
+        target_spec = config.target_modules or spec.adapter_cls.default_targets(self.base_model)
+        targets = find_targets(
+            self.base_model, target_spec, config.exclude_modules, spec.adapter_cls.supported_types(config), spec.name
+        )
+        init = _state is None
+        contexts = spec.adapter_cls.prepare(self.base_model, targets, config) if init else {}
+        built = {
+            name: spec.adapter_cls(unwrap(module), config, name, contexts.get(name), init)
+            for name, module in targets.items()
+        }
+        saved = self._saved_module_names(config)
+        if _state is not None:
+            load_tensors(adapter_name, built, saved, _state)
+        for name, adapter in built.items():
+            self._layer_for(name, targets[name]).add(adapter_name, adapter)
+        for name in saved:
+            self._saved_for(name).add(adapter_name)
+        if _state is not None:
+            self._load_saved_modules(adapter_name, saved, _state)
+        self.configs[adapter_name] = config
+        if not self.active_adapters:
+            self.set_adapter(adapter_name)
+        else:
+            self._refresh_trainable()
+        return self
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make one adapter (or several, composed in order) the running and trainable one(s)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.configs:
+                raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.configs)}")
+        if any(layer.merged for layer in self.adapted_layers()):
+            raise RuntimeError("unmerge() before switching adapters")
+        self.active_adapters = names
+        for layer in self.adapted_layers():
+            layer.active = [n for n in names if n in layer.adapters]
+        for module in self.saved_modules():
+            module.active = names[0]
+        self._refresh_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.configs:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.configs)}")
+        for layer in self.adapted_layers():
+            if adapter_name in layer.adapters:
+                layer.remove(adapter_name)
+        for module in self.saved_modules():
+            if adapter_name in module.copies:
+                del module.copies[adapter_name]
+        del self.configs[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the original base model inside the ``with`` block."""
+        modules = [*self.adapted_layers(), *self.saved_modules()]
+        for module in modules:
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.disabled = False
+
+    # ---- parameters ------------------------------------------------------------------------
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def _refresh_trainable(self) -> None:
+        for layer in self.adapted_layers():
+            for name, adapter in layer.adapters.items():
+                adapter.set_trainable(name in self.active_adapters)
+        for module in self.saved_modules():
+            for name, clone in module.copies.items():
+                for p in clone.parameters():
+                    p.requires_grad_(name in self.active_adapters)
+
+    # ---- merging ---------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold the active adapters into the base weights (forward output is unchanged)."""
+        self._check_mergeable()
+        for layer in self.adapted_layers():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.adapted_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain base model without adapter modules."""
+        self.merge()
+        return self._unload()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original base model."""
+        self.unmerge()
+        return self._unload()
+
+    def _unload(self) -> nn.Module:
+        for name, module in list(iter_layers(self.base_model)):
+            if isinstance(module, AdaptedLayer):
+                for adapter_name, adapter in module.adapters.items():
+                    if adapter_name not in module.merged:
+                        adapter.detach_from(module.base_layer)
+                set_submodule(self.base_model, name, module.base_layer)
+            elif isinstance(module, SavedModule):
+                set_submodule(self.base_model, name, module.current())
+        self.configs.clear()
+        self.active_adapters = []
+        return self.base_model
+
+    def _check_mergeable(self) -> None:
+        for layer in self.adapted_layers():
+            for name in layer.active:
+                adapter = layer.adapters[name]
+                if not adapter.mergeable:
+                    raise ValueError(f"adapter {name!r} ({adapter.method}) on {adapter.layer_name!r} cannot be merged")
+
+    # ---- save / load -------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:
+        """The tensors of one adapter only: ``<layer>.<tensor>`` and ``modules_to_save.<module>.<param>``."""
+        adapter_name = adapter_name or self.active_adapter
+        if adapter_name not in self.configs:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.configs)}")
+        state: dict[str, Tensor] = {}
+        for layer in self.adapted_layers():
+            if adapter_name in layer.adapters:
+                adapter = layer.adapters[adapter_name]
+                for key, tensor in adapter.state_dict().items():
+                    state[f"{adapter.layer_name}.{key}"] = tensor
+        for name, module in self._named_saved_modules():
+            if adapter_name in module.copies:
+                for key, tensor in module.copies[adapter_name].state_dict().items():
+                    state[f"{SAVED_PREFIX}{name}.{key}"] = tensor
+        return state
+
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
+        """Write each adapter's config (JSON) and tensors (safetensors): ``default`` at the top of
+        the folder, any other adapter in a sub-folder named after it (PEFT's layout)."""
+        root = Path(save_directory)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"save_pretrained: {str(root)!r} exists and is not a directory")
+        for name in adapter_names or list(self.configs):
+            if name not in self.configs:
+                raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.configs)}")
+            folder = root if name == "default" else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.adapter_state_dict(name).items()}
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "library": "lifelong",
+                "method": self.configs[name].method,
+                "adapter_name": name,
+                "config": self.configs[name].to_dict(),
+            }
+            atomic_write(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata={"method": meta["method"]}))
+            atomic_write(folder / CONFIG_FILE, lambda path: path.write_text(json.dumps(meta, indent=2, sort_keys=True)))
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """Add an adapter saved by :meth:`save_pretrained` under ``adapter_name``."""
+        meta, tensors = read_checkpoint(directory)
+        config = get_method(meta["method"]).config_cls.from_dict(meta["config"])
+        self.add_adapter(adapter_name, config, _state=tensors)
+        if not is_trainable:
+            for layer in self.adapted_layers():
+                if adapter_name in layer.adapters:
+                    layer.adapters[adapter_name].set_trainable(False)
+            for module in self.saved_modules():
+                if adapter_name in module.copies:
+                    module.copies[adapter_name].requires_grad_(False)
+
+    def _load_saved_modules(self, adapter_name: str, names: list[str], state: dict[str, Tensor]) -> None:
+        for name in names:
+            prefix = f"{SAVED_PREFIX}{name}."
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            self._saved_for(name).copies[adapter_name].load_state_dict(sub, strict=True)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def adapted_layers(self) -> Iterator[AdaptedLayer]:
+        return (m for _, m in iter_layers(self.base_model) if isinstance(m, AdaptedLayer))
+
+    def saved_modules(self) -> Iterator[SavedModule]:
+        return (m for _, m in self._named_saved_modules())
+
+    def _named_saved_modules(self) -> Iterator[tuple[str, SavedModule]]:
+        return ((n, m) for n, m in iter_layers(self.base_model) if isinstance(m, SavedModule))
+
+    def _layer_for(self, name: str, module: nn.Module) -> AdaptedLayer:
+        if isinstance(module, AdaptedLayer):
+            return module
+        layer = AdaptedLayer(module)
+        set_submodule(self.base_model, name, layer)
+        return layer
+
+    def _saved_module_names(self, config: AdapterConfig) -> list[str]:
+        if not config.modules_to_save:
+            return []
+        names = [n for n, _ in iter_layers(self.base_model) if n and name_matches(n, list(config.modules_to_save))]
+        if not names:
+            raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of the model")
+        return names
+
+    def _saved_for(self, name: str) -> SavedModule:
+        module = self.base_model.get_submodule(name)
+        if isinstance(module, SavedModule):
+            return module
+        saved = SavedModule(module)
+        set_submodule(self.base_model, name, saved)
+        return saved
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
+def check_adapter_name(name: str, existing: dict[str, Any]) -> None:
+    if not isinstance(name, str) or not name or "." in name or "/" in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
+    if name in existing:
+        raise ValueError(
+            f"the model already has an adapter named {name!r}; pass adapter_name=<another name> "
+            f"or delete_adapter({name!r}) first (adapters: {sorted(existing)})"
+        )
+
+
+def load_tensors(
+    adapter_name: str, built: dict[str, Adapter], saved: list[str], state: dict[str, Tensor]
+) -> None:
+    """Copy checkpoint tensors into freshly built adapters, checking keys and shapes first."""
+    expected = {f"{layer}.{key}": (adapter, key) for layer, adapter in built.items() for key in adapter.state_dict()}
+    residual_keys = {f"{layer}.{key}": (adapter, key) for layer, adapter in built.items() for key in RESIDUAL_BUFFERS}
+    saved_keys = {k for k in state if k.startswith(SAVED_PREFIX)}
+    unknown = sorted(set(state) - set(expected) - set(residual_keys) - saved_keys)
+    missing = sorted(set(expected) - set(state))
+    if unknown or missing:
+        raise ValueError(
+            f"checkpoint does not fit adapter {adapter_name!r} on this model: "
+            f"missing tensors {missing[:5]}, unexpected tensors {unknown[:5]}"
+        )
+    for key, (adapter, attr) in expected.items():
+        current = adapter.state_dict()[attr]
+        if current.shape != state[key].shape:
+            raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(state[key].shape)}, model {tuple(current.shape)}")
+    for key, (adapter, attr) in residual_keys.items():
+        if key in state:
+            adapter.register_buffer(attr, torch.empty_like(state[key]))
+    with torch.no_grad():
+        for key, (adapter, attr) in {**expected, **residual_keys}.items():
+            if key in state:
+                target = dict(adapter.named_parameters()).get(attr)
+                target = target if target is not None else dict(adapter.named_buffers())[attr]
+                device = next(iter(adapter.state_dict().values())).device
+                target.copy_(state[key].to(device))
+
+
+def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    folder = Path(directory)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a lifelong adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    meta = json.loads(config_path.read_text())
+    if meta.get("library") != "lifelong" or "method" not in meta:
+        raise ValueError(f"{str(config_path)!r} was not written by lifelong's save_pretrained")
+    return meta, load_file(str(weights_path))
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write via a temporary file in the same folder, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def wrap(model: nn.Module, method: str | AdapterConfig, *, adapter_name: str = "default", **options: Any) -> AdaptedModel:
+    """Put an adapter on ``model``: ``wrap(model, "bone", r=64, target_modules=["query"])``.
+
+    ``method`` is a registered name (see :func:`lifelong.available`) or a config object. An
+    :class:`AdaptedModel` gets the adapter added (under a new ``adapter_name``).
+    """
+    get_method(method.method if isinstance(method, AdapterConfig) else method)
+    if isinstance(model, AdaptedModel):
+        return model.add_adapter(adapter_name, method, **options)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    adapted = AdaptedModel(model)
+    try:
+        return adapted.add_adapter(adapter_name, method, **options)
+    except BaseException:
+        for p, flag in flags:  # leave the user's model as it was given
+            p.requires_grad_(flag)
+        raise
+
+
+def load(model: nn.Module, directory: str | os.PathLike, *, adapter_name: str | None = None, is_trainable: bool = False) -> AdaptedModel:
+    """Rebuild the adapted model saved by ``save_pretrained`` on a fresh copy of the base model.
+
+    Loads the adapter at the top of ``directory`` (as ``default``) and every adapter saved in a
+    sub-folder; ``adapter_name`` picks one of them only.
+    """
+    root = Path(directory)
+    folders = {"default": root} if (root / CONFIG_FILE).is_file() else {}
+    if root.is_dir():
+        folders.update({p.name: p for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file()})
+    if not folders:
+        raise FileNotFoundError(f"no saved adapter in {str(root)!r} (expected {CONFIG_FILE})")
+    if adapter_name is not None:
+        if adapter_name not in folders:
+            raise ValueError(f"no adapter {adapter_name!r} in {str(root)!r}; found {sorted(folders)}")
+        folders = {adapter_name: folders[adapter_name]}
+    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
+    for name, folder in folders.items():
+        adapted.load_adapter(folder, name, is_trainable=is_trainable)
+    return adapted
