@@ -69,6 +69,13 @@ class Adapter(nn.Module):
         return default_lora_targets(model)
 
     @classmethod
+    def example_options(cls, model: nn.Module, batches: list[Any]) -> dict[str, Any]:
+        """Options that put this method on an arbitrary small ``model`` (e.g. calibration data
+        built from ``batches``, sample inputs of the model). The contract test suite and the
+        ``lifelong adapters`` command use it; methods needing data at init override it."""
+        return {}
+
+    @classmethod
     def exact_at_init(cls, config: AdapterConfig) -> bool:
         """Whether the adapted model equals the base model at init (tests rely on it)."""
         return True
