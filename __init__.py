@@ -5,6 +5,7 @@ federation of workers.
     model = ll.wrap(model, "bone", r=64, target_modules=["query", "value"])
 """
 
+from . import models
 from .adapters import AdaptedModel, AdapterConfig, available, load, wrap
 
 __version__ = "0.1.0"

@@ -92,6 +92,10 @@ class Adapter(nn.Module):
         """For ``rewrites_weight`` methods: the adapted weight as a function of ``weight``."""
         raise TypeError(f"{type(self).__name__} does not rewrite the weight")
 
+    def merge_blocker(self, base: nn.Module) -> str | None:
+        """Why this adapter cannot be merged into ``base`` right now, or None if it can."""
+        return None if self.mergeable else f"adapter {self.method!r} cannot be merged into the weights"
+
     def delta_weight(self, base: nn.Module) -> Tensor:
         """Additive weight update ``ΔW`` used by the default merge/unmerge."""
         raise TypeError(f"adapter {self.method!r} cannot be merged into the weights")

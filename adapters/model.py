@@ -200,9 +200,9 @@ class AdaptedModel(nn.Module):
     def _check_mergeable(self) -> None:
         for layer in self.adapted_layers():
             for name in layer.active:
-                adapter = layer.adapters[name]
-                if not adapter.mergeable:
-                    raise ValueError(f"adapter {name!r} ({adapter.method}) on {adapter.layer_name!r} cannot be merged")
+                reason = layer.adapters[name].merge_blocker(layer.base_layer)
+                if reason is not None:
+                    raise ValueError(f"cannot merge adapter {name!r} on {layer.adapters[name].layer_name!r}: {reason}")
 
     # ---- save / load -------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:

@@ -27,7 +27,7 @@ from ..kernels import ssf_linear
 from .base import Adapter
 from .config import AdapterConfig, one_of
 from .registry import register
-from .targeting import ALL_SUPPORTED
+from .targeting import ALL_SUPPORTED, find_targets
 
 CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -72,8 +72,11 @@ class SSFAdapter(Adapter):
         return cls.layer_types if config.include_norms else (nn.Linear, nn.Conv1d, nn.Conv2d)
 
     @classmethod
-    def default_targets(cls, model: nn.Module) -> str:
-        return ALL_SUPPORTED
+    def default_targets(cls, model: nn.Module) -> list[str]:
+        """Every Linear, Conv and LayerNorm/BatchNorm but the head: the positions SSF can always
+        be merged into (an RMSNorm has no bias to absorb β, so it is only used when named)."""
+        mergeable = (nn.Linear, nn.Conv1d, nn.Conv2d, *NORMS)
+        return list(find_targets(model, ALL_SUPPORTED, None, mergeable, "ssf"))
 
     @classmethod
     def exact_at_init(cls, config: SSFConfig) -> bool:
@@ -107,15 +110,15 @@ class SSFAdapter(Adapter):
             return None
         return ssf_linear(x, base.weight, base.bias, self.scale.to(x.dtype), self.shift.to(x.dtype))
 
+    def merge_blocker(self, base: nn.Module) -> str | None:
+        if is_rms_norm(base) and getattr(base, "bias", None) is None and bool(self.shift.ne(0).any()):
+            return f"{type(base).__name__} has no bias to absorb the SSF shift β; keep this adapter unmerged"
+        return None
+
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
         weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
         rms = is_rms_norm(base)
-        if rms and bias is None and bool(self.shift.ne(0).any()):
-            raise ValueError(
-                f"cannot merge SSF into {self.layer_name!r}: {type(base).__name__} has no bias to absorb "
-                "the shift β; keep the adapter unmerged"
-            )
         self._original = tuple(None if t is None else t.detach().clone() for t in (weight, bias))
         if weight is None:  # a norm without affine gets one
             base.weight = nn.Parameter(self.scale.detach().clone(), requires_grad=False)
