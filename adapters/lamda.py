@@ -21,7 +21,8 @@ Choices that are ours (the released code does not pin them; see shared/specs/lam
   micro-batch backward (``t = floor(step / (η·max_steps·grad_accum))``; zero the first t columns'
   gradients; freeze B once t ≥ r); ``"none"`` trains B throughout; ``"frozen"`` never trains B.
   Drive the schedule with :meth:`AdaptedModel.after_backward` and
-  :meth:`AdaptedModel.after_optimizer_step` (or :class:`LaMDASchedule` as a training callback).
+  :meth:`AdaptedModel.after_optimizer_step` (or ``adapters.callbacks.AdapterScheduleCallback``
+  with the Hugging Face Trainer).
 - LaMDA++ (``adaptive_rank=True``): per-layer ranks from the normalised spectrum ``p_i = σ_i²/Σσ²``;
   ``energy_deficit`` gives layer l a share of the budget ``L·r`` proportional to ``1 − Σ_{i≤r} p_i``
   (flatter spectrum, more rank), ``energy_share`` proportional to ``Σ_{i≤r} p_i``. Unverified

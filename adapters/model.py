@@ -163,6 +163,27 @@ class AdaptedModel(nn.Module):
                 for p in clone.parameters():
                     p.requires_grad_(name in self.active_adapters)
 
+    # ---- training-time schedules (LaMDA's PMB freezing) ---------------------------------------
+    def after_backward(self) -> None:
+        """Call after every (micro-batch) backward: adapters with per-backward rules apply them."""
+        for adapter in self._running_adapters():
+            hook = getattr(adapter, "after_backward", None)
+            if hook is not None:
+                hook()
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Call after every ``optimizer.step()``; pass the optimizer so adapters can drop
+        parameters they have frozen for good (and free their state)."""
+        for adapter in self._running_adapters():
+            hook = getattr(adapter, "after_optimizer_step", None)
+            if hook is not None:
+                hook(optimizer)
+
+    def _running_adapters(self) -> Iterator[Adapter]:
+        for layer in self.adapted_layers():
+            for name in layer.active:
+                yield layer.adapters[name]
+
     # ---- merging ---------------------------------------------------------------------------
     def merge(self) -> None:
         """Fold the active adapters into the base weights (forward output is unchanged)."""

@@ -1,0 +1,167 @@
+"""The adapter core: registry, targeting, several adapters, save/load and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import MLP
+from torch import nn
+
+import lifelong as ll
+from lifelong.adapters import AdaptedLayer, SavedModule
+
+
+def test_available_is_sorted_and_unknown_names_list_the_valid_ones() -> None:
+    names = ll.available()
+    assert names == sorted(names) and {"bone", "lamda", "ssf"} <= set(names)
+    with pytest.raises(ValueError, match=r"unknown adapter method 'boen'; available: \['"):
+        ll.wrap(MLP(), "boen")
+
+
+def test_unknown_option_lists_the_allowed_ones() -> None:
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rank'\] for adapter 'bone'; allowed: .*'r'"):
+        ll.wrap(MLP(), "bone", rank=4)
+
+
+def test_config_object_is_accepted_and_not_modified() -> None:
+    config = ll.adapters.LaMDAConfig(r=2, adaptive_rank=True, target_modules=["fc1", "fc2"])
+    m = ll.wrap(MLP(), config)
+    assert config.rank_pattern == {} and m.configs["default"].rank_pattern
+
+
+def test_target_matching_nothing_names_the_candidates() -> None:
+    with pytest.raises(ValueError, match=r"matched no module.*candidate modules: fc1, fc2, head"):
+        ll.wrap(MLP(), "bone", r=4, target_modules=["query"])
+
+
+def test_suffix_regex_and_all_linear_targets() -> None:
+    def targets(**options) -> list[str]:
+        m = ll.wrap(MLP(), "bone", r=4, **options)
+        return sorted(l.adapters["default"].layer_name for l in m.adapted_layers())
+
+    assert targets(target_modules=["fc2"]) == ["fc2"]
+    assert targets(target_modules=r"fc\d") == ["fc1", "fc2"]
+    assert targets(target_modules="all-linear") == ["fc1", "fc2"]  # the head is excluded
+    assert targets(target_modules="all-linear", exclude_modules=["fc1"]) == ["fc2"]
+    llama = ll.wrap(ll.models.tiny_llama(), "bone", r=4, target_modules="all-linear")
+    names = {l.adapters["default"].layer_name for l in llama.adapted_layers()}
+    assert "lm_head" not in names and len(names) == 2 * 7
+
+
+def test_default_targets_follow_peft_for_hf_models() -> None:
+    m = ll.wrap(ll.models.tiny_llama(), "bone", r=4)
+    names = {l.adapters["default"].layer_name.rsplit(".", 1)[-1] for l in m.adapted_layers()}
+    assert names == {"q_proj", "v_proj"}
+
+
+def test_print_trainable_parameters_uses_peft_wording(capsys) -> None:
+    m = ll.wrap(MLP(), "bone", r=4, target_modules=["fc1"])
+    m.print_trainable_parameters()
+    total = sum(p.numel() for p in MLP().parameters()) + 4 * 32
+    assert capsys.readouterr().out.strip() == (
+        f"trainable params: 128 || all params: {total:,d} || trainable%: {100 * 128 / total:.4f}"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtype_is_preserved(dtype: torch.dtype) -> None:
+    model = MLP().to(dtype)
+    m = ll.wrap(model, "lamda", r=4, target_modules=["fc1"])
+    x = torch.randn(2, 16, dtype=dtype)
+    assert m(x).dtype == dtype
+    assert all(p.dtype == dtype for p in m.parameters())
+
+
+def test_modules_to_save_are_per_adapter_copies_saved_and_merged(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = MLP()
+    head0 = model.head.weight.detach().clone()
+    m = ll.wrap(model, "bone", r=4, target_modules=["fc1"], modules_to_save=["head"])
+    assert isinstance(m.base_model.head, SavedModule)
+    m.add_adapter("b", "bone", r=4, target_modules=["fc1"], modules_to_save=["head"])
+    with torch.no_grad():
+        m.base_model.head.copies["default"].weight.add_(1.0)
+    x = torch.randn(3, 16)
+    y_default = m(x)
+    m.set_adapter("b")
+    assert not torch.allclose(m(x), y_default)
+    m.set_adapter("default")
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "b" / "adapter_config.json").is_file()
+    torch.manual_seed(0)
+    reloaded = ll.load(MLP(), tmp_path)
+    assert sorted(reloaded.configs) == ["b", "default"]
+    torch.testing.assert_close(reloaded(x), y_default)
+    plain = m.merge_and_unload()
+    assert isinstance(plain.head, nn.Linear)
+    torch.testing.assert_close(plain.head.weight, head0 + 1.0)
+
+
+def test_several_adapters_compose_when_set_together() -> None:
+    torch.manual_seed(0)
+    model = MLP()
+    m = ll.wrap(model, "bone", r=4, target_modules=["fc1"])
+    m.add_adapter("scale", "ssf", target_modules=["fc1"])
+    with torch.no_grad():
+        next(m.adapted_layers()).adapters["default"].block.normal_()
+    x = torch.randn(3, 16)
+    m.set_adapter(["default", "scale"])
+    layer = m.base_model.fc1
+    a, s = layer.adapters["default"], layer.adapters["scale"]
+    expected = (layer.base_layer(x) + a.forward(x, torch.zeros(3, 32), layer.base_layer)) * s.scale + s.shift
+    torch.testing.assert_close(layer(x), expected)
+    live = m(x)
+    m.merge()
+    torch.testing.assert_close(m(x), live, rtol=0, atol=1e-5)
+    m.unmerge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        m.merge(); m.set_adapter("default")
+
+
+def test_load_rejects_checkpoints_that_do_not_fit(tmp_path) -> None:
+    m = ll.wrap(MLP(), "bone", r=4, target_modules=["fc1"])
+    m.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        ll.load(MLP(hidden=40), tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["method"], meta["config"] = "ssf", {"target_modules": ["fc1"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not fit adapter"):
+        ll.load(MLP(), tmp_path)
+    model = MLP()
+    with pytest.raises(FileNotFoundError, match="no saved adapter"):
+        ll.load(model, tmp_path / "missing")
+    assert not any(isinstance(x, AdaptedLayer) for x in model.modules())
+
+
+def test_save_into_a_file_fails_and_failed_writes_leave_nothing(tmp_path, monkeypatch) -> None:
+    m = ll.wrap(MLP(), "bone", r=4, target_modules=["fc1"])
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        m.save_pretrained(file)
+    import lifelong.adapters.model as model_module
+
+    def broken(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model_module, "save_file", broken)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        m.save_pretrained(out)
+    assert list(out.iterdir()) == []
+
+
+def test_delete_and_unload_restore_the_base() -> None:
+    torch.manual_seed(0)
+    model = MLP()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    m = ll.wrap(model, "lamda", r=4, target_modules=["fc1", "fc2"])  # SVD residual in the base
+    m.add_adapter("two", "lamda", r=2, target_modules=["fc2"])
+    m.delete_adapter("two")
+    plain = m.unload()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=0, atol=1e-5)
