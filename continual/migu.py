@@ -1,0 +1,272 @@
+"""MIGU — MagnItude-based Gradient Updating (framework-free core).
+
+Wenyu Du, Shuang Cheng, Tongxu Luo, Zihan Qiu, Zeyu Huang, Ka Chun Cheung, Reynold Cheng, Jie Fu.
+*Unlocking Continual Learning Abilities in Language Models.* Findings of EMNLP 2024
+(arXiv 2406.17245). Reference code: ``wenyudu/MIGU``.
+
+For every targeted linear layer with torch weight ``W ∈ R^{d_out×d_in}`` the forward hooks
+accumulate, over every training forward since the last optimizer step,
+
+    m_j = Σ_n |H_{n,j}|                     (normalize="none", the reference)
+    m_j = Σ_n |H_{n,j}| / Σ_j' |H_{n,j'}|   (normalize="token", the paper's wording)
+
+with ``H`` the layer output (bias included) flattened to ``(N, d_out)``. After ``backward()``
+the ``t = ⌊T·d_out⌋`` rows with the smallest ``m_j`` get their gradient zeroed (``T`` =
+``mask_ratio`` = fraction MASKED; ties broken by a stable descending sort, lower index kept):
+
+    grad(W)[j, :] ← 1[j ∈ top_{d_out - t}(m)] · grad(W)[j, :]
+
+Adapter-wrapped layers (any module with a ``base_layer`` — PEFT LoRA layers and lifelong's
+``AdaptedLayer``): the frozen base has nothing to mask; an adapter ``nn.Linear`` whose output size
+is the wrapped layer's ``d_out`` ("up" factor, e.g. ``lora_B``) is masked with the magnitudes of
+the FULL wrapped-layer output; any other adapter ``nn.Linear`` ("down" factor, e.g. ``lora_A``)
+with its own output (paper §3.3). A raw 2-D adapter parameter whose first dimension is ``d_out``
+is treated as an up factor; other adapter tensors cannot be attributed to output units and are
+left unmasked (listed in ``MIGU.unmasked``).
+
+Call order per optimizer step: forwards → ``backward()`` → ``mask_gradients()`` → (clip) →
+``optimizer.step()`` → ``after_step()``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["MIGU", "migu_mask", "match_modules"]
+
+_NORMALIZE = ("none", "token")
+
+
+def migu_mask(magnitudes: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """Boolean keep-mask: the ``d_out - ⌊T·d_out⌋`` largest magnitudes (stable; lower index wins ties)."""
+    d_out = magnitudes.numel()
+    keep = d_out - int(mask_ratio * d_out)
+    order = torch.sort(magnitudes, descending=True, stable=True).indices
+    mask = torch.zeros(d_out, dtype=torch.bool, device=magnitudes.device)
+    mask[order[:keep]] = True
+    return mask
+
+
+def match_modules(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
+    """Modules selected like PEFT: ``"all-linear"``, a regex (full match) or a list of name suffixes."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if target_modules == "all-linear":
+        return [(n, m) for n, m in named if isinstance(m, nn.Linear)]
+    if isinstance(target_modules, str):
+        return [(n, m) for n, m in named if re.fullmatch(target_modules, n)]
+    if isinstance(target_modules, (list, tuple, set)):
+        suffixes = list(target_modules)
+        return [(n, m) for n, m in named if any(n == s or n.endswith("." + s) for s in suffixes)]
+    raise TypeError(f"target_modules must be 'all-linear', a regex string or a list of name suffixes, "
+                    f"got {type(target_modules).__name__}")
+
+
+@dataclass
+class _Target:
+    name: str
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    source: nn.Module  # module whose output gives the magnitudes
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "base_layer", None), nn.Module)
+
+
+def _out_features(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    inner = getattr(layer, "base_layer", None)
+    if inner is not None:
+        return _out_features(inner)
+    raise TypeError(f"MIGU handles nn.Linear layers only, got {type(layer).__name__} "
+                    "(GPT-2 Conv1D stores (in, out) weights and is not supported)")
+
+
+def _tied_weights(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+class MIGU:
+    """Gradient masking by output magnitude; attach to a model, call the three step hooks.
+
+    Args:
+        mask_ratio: T, the fraction of output units whose gradient is masked, in [0, 1].
+        normalize: ``"none"`` (reference: plain |output| sums) or ``"token"`` (L1-normalise per token).
+        start_task: 0-based index of the first experience that is masked (reference: 1, task 0 is
+            plain fine-tuning); used by :meth:`before_experience`.
+        mask_bias: also mask bias entries of masked rows (reference: False).
+        target_modules: ``"all-linear"`` (every ``nn.Linear``, tied LM heads skipped), a regex or suffixes.
+        freeze_masked_updates: restore masked rows after the optimizer step (so momentum/weight decay
+            cannot move them); the reference does not (False).
+    """
+
+    name = "migu"
+
+    def __init__(self, mask_ratio: float = 0.7, normalize: str = "none", start_task: int = 1,
+                 mask_bias: bool = False, target_modules="all-linear", freeze_masked_updates: bool = False):
+        if not isinstance(mask_ratio, (int, float)) or not 0.0 <= float(mask_ratio) <= 1.0:
+            raise ValueError(f"MIGU: mask_ratio (T, fraction masked) must be in [0, 1], got {mask_ratio!r}")
+        if normalize not in _NORMALIZE:
+            raise ValueError(f"MIGU: unknown normalize {normalize!r}; valid: {', '.join(_NORMALIZE)}")
+        if not isinstance(start_task, int) or start_task < 0:
+            raise ValueError(f"MIGU: start_task must be a non-negative int, got {start_task!r}")
+        self.mask_ratio = float(mask_ratio)
+        self.normalize = normalize
+        self.start_task = start_task
+        self.mask_bias = mask_bias
+        self.target_modules = target_modules
+        self.freeze_masked_updates = freeze_masked_updates
+        self.targets: list[_Target] = []
+        self.unmasked: list[str] = []
+        self._acc: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+        self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    # -- configuration -------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {"mask_ratio": self.mask_ratio, "normalize": self.normalize, "start_task": self.start_task,
+                "mask_bias": self.mask_bias, "target_modules": self.target_modules,
+                "freeze_masked_updates": self.freeze_masked_updates}
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _collect(self, model: nn.Module) -> list[_Target]:
+        tied = _tied_weights(model)
+        wrappers = [(n, m) for n, m in model.named_modules() if _is_wrapper(m)]
+        inside_wrapper = {id(sub) for _, w in wrappers for sub in w.modules() if sub is not w}
+        targets: list[_Target] = []
+        done: set[int] = set()
+        for name, module in match_modules(model, self.target_modules):
+            if _is_wrapper(module):
+                targets += self._adapter_targets(name, module)
+                done.add(id(module))
+            elif id(module) in inside_wrapper:
+                continue  # adapter factors / frozen base inside a wrapper: handled with the wrapper
+            elif isinstance(module, nn.Linear):
+                if id(module.weight) in tied:
+                    warnings.warn(f"MIGU: skipping {name}: its weight is tied to an nn.Embedding "
+                                  "(masking its rows would mask embedding rows)", stacklevel=3)
+                elif module.weight.requires_grad:
+                    targets.append(_Target(name, module.weight, module.bias, module))
+            elif self.target_modules != "all-linear":
+                raise TypeError(f"MIGU: target {name!r} is a {type(module).__name__}; only nn.Linear layers "
+                                "and adapter-wrapped linears are supported")
+        # Adapter wrappers are not nn.Linear themselves: "all-linear" covers every one of them.
+        if self.target_modules == "all-linear":
+            for name, wrapper in wrappers:
+                if id(wrapper) not in done:
+                    targets += self._adapter_targets(name, wrapper)
+        return targets
+
+    def _adapter_targets(self, name: str, wrapper: nn.Module) -> list[_Target]:
+        d_out = _out_features(wrapper.base_layer)
+        base_params = {id(p) for p in wrapper.base_layer.parameters()}
+        targets, covered = [], set()
+        for sub_name, sub in wrapper.named_modules():
+            if sub is wrapper or sub is wrapper.base_layer or not isinstance(sub, nn.Linear):
+                continue
+            if not sub.weight.requires_grad or id(sub.weight) in base_params:
+                continue
+            source = wrapper if sub.out_features == d_out else sub
+            targets.append(_Target(f"{name}.{sub_name}", sub.weight, sub.bias, source))
+            covered.update({id(sub.weight), id(sub.bias)})
+        for p_name, p in wrapper.named_parameters():
+            if id(p) in covered or id(p) in base_params or not p.requires_grad:
+                continue
+            if p.dim() == 2 and p.shape[0] == d_out:
+                targets.append(_Target(f"{name}.{p_name}", p, None, wrapper))
+            else:
+                self.unmasked.append(f"{name}.{p_name}")
+        return targets
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> "MIGU":
+        """Install forward hooks on every source module; idempotent per model."""
+        if self.attached:
+            self.detach()
+        self.unmasked = []
+        self.targets = self._collect(model)
+        if not self.targets:
+            raise ValueError(f"MIGU: no trainable linear layer matches target_modules={self.target_modules!r}")
+        sources = {id(t.source): t.source for t in self.targets}
+        for key, module in sources.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(key)))
+        self._acc = {}
+        return self
+
+    def _make_hook(self, key: int):
+        def hook(module, inputs, output):
+            # Evaluation forwards and no_grad generation must not pollute the magnitudes.
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            out = output[0] if isinstance(output, tuple) else output
+            h = out.detach().float().abs().reshape(-1, out.shape[-1])
+            if self.normalize == "token":
+                h = h / h.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            m = h.sum(dim=0)
+            self._acc[key] = m if key not in self._acc else self._acc[key] + m
+        return hook
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._acc = {}
+
+    def magnitudes(self) -> dict[str, torch.Tensor]:
+        """Accumulated magnitude vector per target name (for inspection and tests)."""
+        return {t.name: self._acc[id(t.source)].clone() for t in self.targets if id(t.source) in self._acc}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Current keep-masks per target (from the magnitudes accumulated so far)."""
+        out = {}
+        for t in self.targets:
+            m = self._acc.get(id(t.source))
+            if m is not None:
+                out[t.name] = migu_mask(m, self.mask_ratio)
+        return out
+
+    def mask_gradients(self) -> dict[str, torch.Tensor]:
+        """Zero the gradient rows outside the top-k; call after backward, before clipping/step."""
+        if not self.attached:
+            return {}
+        masks = self.masks()
+        self._saved = []
+        for t in self.targets:
+            mask = masks.get(t.name)
+            if mask is None or t.weight.grad is None:
+                continue
+            keep = mask.to(t.weight.grad.dtype).unsqueeze(1)
+            t.weight.grad.mul_(keep)
+            if self.mask_bias and t.bias is not None and t.bias.grad is not None:
+                t.bias.grad.mul_(mask.to(t.bias.grad.dtype))
+            if self.freeze_masked_updates:
+                rows = (~mask).nonzero().squeeze(1)
+                self._saved.append((t.weight, rows, t.weight.detach()[rows].clone()))
+                if self.mask_bias and t.bias is not None:
+                    self._saved.append((t.bias, rows, t.bias.detach()[rows].clone()))
+        return masks
+
+    def after_step(self) -> None:
+        """Reset the accumulators (and restore masked rows when ``freeze_masked_updates``)."""
+        with torch.no_grad():
+            for param, rows, values in self._saved:
+                param[rows] = values
+        self._saved = []
+        self._acc = {}
+
+    # -- experience boundaries (native loop and bridges) -----------------------------------------
+    def before_experience(self, model: nn.Module, index: int) -> None:
+        if index >= self.start_task:
+            self.attach(model)
+
+    def after_experience(self) -> None:
+        self.detach()
