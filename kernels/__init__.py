@@ -1,15 +1,33 @@
-"""Adapter matmuls and covariance ops.
+"""Adapter matmuls and covariance ops (``shared/specs/kernels.md``).
 
-Every op has a plain-torch reference (:mod:`lifelong.kernels.reference`) with the same signature;
-fused Triton kernels plug in behind these names (``shared/specs/kernels.md``), so adapters call
-only the names exported here.
+Every op is a ``torch.autograd.Function`` with a hand-written backward for a frozen base and three
+backends chosen per call (``backend="auto" | "torch" | "composite" | "triton"``, see
+:mod:`lifelong.kernels.dispatch`): plain torch on the CPU, cuBLAS composites or fused Triton
+kernels on CUDA, and the Triton kernels under ``TRITON_INTERPRET=1`` for tests. Adapters call only
+the names exported here; :mod:`lifelong.kernels.reference` keeps the plain autograd oracles.
 """
 
+from .bone import bone_linear
+from .covariance import CovState, cov_accumulate_, cov_finalize, cov_update_
+from .dispatch import BACKENDS, use_backend
+from .lamda import lamda_linear
+from .lora import lora_linear
 from .reference import bat_delta, shard_sum
-from .reference import bone_linear_ref as bone_linear
-from .reference import cov_update_ref as cov_update_
-from .reference import lamda_linear_ref as lamda_linear
-from .reference import lora_linear_ref as lora_linear
-from .reference import ssf_linear_ref as ssf_linear
+from .ssf import ssf_linear
+from .subspace import subspace_project
 
-__all__ = ["bat_delta", "bone_linear", "cov_update_", "lamda_linear", "lora_linear", "shard_sum", "ssf_linear"]
+__all__ = [
+    "BACKENDS",
+    "CovState",
+    "bat_delta",
+    "bone_linear",
+    "cov_accumulate_",
+    "cov_finalize",
+    "cov_update_",
+    "lamda_linear",
+    "lora_linear",
+    "shard_sum",
+    "ssf_linear",
+    "subspace_project",
+    "use_backend",
+]
