@@ -94,8 +94,9 @@ def _update(state: CovState, x2: Tensor, mask: Tensor, weight: Tensor | None) ->
         tk.cov_tri(state.C, x2 if x2.stride(-1) == 1 else x2.contiguous(), row_mask=mask.view(torch.uint8),
                    weight=w, mirror=False)
         return
-    xs = x2.to(state.C.dtype)
-    left = xs * mask[:, None]
+    # A select, not a product: a dropped padding row may hold NaN, and 0·NaN is NaN.
+    xs = torch.where(mask[:, None], x2.to(state.C.dtype), 0.0)
+    left = xs
     if weight is not None:
         left = left * weight.to(device=xs.device, dtype=xs.dtype)
     state.C.addmm_(left.t(), xs)
@@ -113,7 +114,7 @@ def cov_accumulate_(state: CovState, x: Tensor, *, row_mask: Tensor | None = Non
     state.tokens += mask.sum()
     state.finite &= (torch.isfinite(x2).all(dim=1) | ~mask).all()
     if state.row_sum is not None:
-        state.row_sum += (x2.float() * mask[:, None]).sum(0)
+        state.row_sum += torch.where(mask[:, None], x2.float(), 0.0).sum(0)
     if weight is None:
         state._append(x2, mask)
         return

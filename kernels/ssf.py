@@ -45,8 +45,9 @@ def _backward(backend: str, g: Tensor, z: Tensor | None, weight: Tensor, gamma: 
         dbeta, dgamma = tk.colsum2(g, z) if need_gb else (None, None)
         dx = tk.gemm_lowrank(g, weight, kscale=gamma)[0] if need_x else None
         return dx, dgamma, dbeta
-    dbeta = g.sum(0, dtype=torch.float32) if need_gb else None
-    dgamma = (g.float() * z.float()).sum(0) if z is not None else None
+    acc = torch.promote_types(g.dtype, torch.float32)  # fp32 sums for half inputs, fp64 stays fp64
+    dbeta = g.sum(0, dtype=acc) if need_gb else None
+    dgamma = (g.to(acc) * z.to(acc)).sum(0) if z is not None else None
     dx = (g * gamma) @ weight if need_x else None
     return dx, dgamma, dbeta
 
@@ -65,7 +66,8 @@ class SSFLinearFn(torch.autograd.Function):
         weight, gamma, beta, z, y = ctx.saved_tensors
         need_x, _, _, need_gamma, need_beta = ctx.needs_input_grad[:5]
         if y is not None:
-            z = (y.float() - beta.float()) / gamma.float()
+            acc = torch.promote_types(y.dtype, torch.float32)
+            z = (y.to(acc) - beta.to(acc)) / gamma.to(acc)
         g = gy if gy.stride(-1) == 1 else gy.contiguous()
         dx, dgamma, dbeta = _backward(ctx.backend, g, z if need_gamma else None, weight, gamma, need_x,
                                       need_gamma or need_beta)

@@ -246,7 +246,9 @@ def _cov_tri_kernel(
             xj = xj.to(tl.float32)
         if HAS_ROWMASK:
             keep = tl.load(ROWMASK + offs_t, mask=t_ok, other=0)
-            xi = tl.where(keep[:, None] != 0, xi, tl.zeros_like(xi))  # exact: a select, no arithmetic
+            # A select on both sides (exact, and a dropped row holding NaN cannot leak: 0·NaN = NaN).
+            xi = tl.where(keep[:, None] != 0, xi, tl.zeros_like(xi))
+            xj = tl.where(keep[:, None] != 0, xj, tl.zeros_like(xj))
         acc = _mma(tl.trans(xi), xj, acc, PRECISION)
     if HAS_W:
         acc = acc * tl.load(W).to(tl.float32)
@@ -284,18 +286,21 @@ def _strides(t: Tensor | None, n: int = 2) -> tuple[int, ...]:
 def gemm_lowrank(
     p: Tensor, q: Tensor, *, lr: tuple[Tensor, Tensor, Tensor] | None = None, mask: Tensor | None = None,
     mask_scale: float = 1.0, tadd: Tensor | None = None, kscale: Tensor | None = None, bias: Tensor | None = None,
-    affine: tuple[Tensor, Tensor] | None = None, store_z: bool = False,
+    affine: tuple[Tensor, Tensor] | None = None, store_z: bool = False, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """K1: ``C = (L·diag(s)·R [+ tile(V)]) ⊙ mask·mask_scale + P·diag(ks)·Q + b``, then affine.
 
     ``p``: (M, KD); ``q``: (KD, N) (any strides; a transposed view needs no copy); ``lr`` =
     (L (M, r), R (r, N), s (r,) fp32); ``tadd`` = V (M, r): column n gets ``V[:, n mod r]``.
-    Returns (C, Z) with Z the pre-affine output when ``store_z``.
+    Returns (C, Z) with Z the pre-affine output when ``store_z``; ``out`` (M, N), any strides,
+    receives C.
     """
     m, kd = p.shape
     n = q.shape[1]
     dtype = p.dtype
-    c = torch.empty((m, n), device=p.device, dtype=dtype)
+    if q.shape[0] != kd:
+        raise ValueError(f"gemm_lowrank: p {tuple(p.shape)} and q {tuple(q.shape)} do not chain")
+    c = torch.empty((m, n), device=p.device, dtype=dtype) if out is None else out
     z = torch.empty((m, n), device=p.device, dtype=dtype) if store_z else None
     if m == 0 or n == 0:
         return c, z
