@@ -1,0 +1,34 @@
+"""Federated adapters: any registry adapter (``lifelong.wrap``) as the trained part.
+
+The simulator and the servers federate a model's *trainable* parameters only. After
+``lifelong.wrap`` those are exactly the adapter tensors (the base model is frozen),
+so the workers share one frozen base model and every upload, aggregate and byte
+count covers the adapter alone (anarchic_fl.md §12). AFA is linear in that vector;
+note that averaging factorised adapters (e.g. LoRA's A and B) separately is not the
+average of their product — a known bias of federated LoRA that AFA does not change.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .params import nbytes, trainable_params
+
+
+def federate_adapter(model: nn.Module, method: str, **options: Any) -> nn.Module:
+    """``lifelong.wrap(model, method, **options)``, checked to leave every base weight frozen."""
+    import lifelong
+
+    base = {id(p): n for n, p in model.named_parameters()}
+    adapted = lifelong.wrap(model, method, **options)
+    leaked = sorted(base[id(p)] for p in adapted.trainable_parameters() if id(p) in base)
+    if leaked:
+        raise ValueError(f"after wrapping with {method!r} the base weights {leaked[:5]} are still "
+                         "trainable; only adapter tensors may travel (freeze them first)")
+    return adapted
+
+
+def adapter_bytes(model: nn.Module) -> int:
+    """Bytes one upload carries for ``model``: the size of its trainable (adapter) tensors."""
+    return nbytes(trainable_params(model))

@@ -1,0 +1,82 @@
+"""AFA-CD: Anarchic Federated Averaging, cross-device.
+
+Haibo Yang, Xin Zhang, Prashant Khanduri, Jia Liu. *Anarchic Federated Learning.*
+ICML 2022 (PMLR 162), arXiv:2108.09875 (early versions: AFedAvg-TSLR-CD).
+
+Workers choose when to take part and how many local steps K to run; each upload
+is the normalised update ``G_j = (x_{s_j} − y_K) / (η_L·K)`` computed on a possibly
+stale model ``x_{s_j}``. The server waits for ``m`` uploads, averages them with
+uniform weights and takes one two-sided step::
+
+    G_t     = (1/m) Σ_{j∈B} G_j
+    x_{t+1} = x_t − η · η_L · G_t
+
+No staleness discount (uploads with τ ≤ τ_max are used as they are); the options
+``weighting="num_examples"`` and ``staleness_weight`` are deviations from the paper
+kept for ablations. With ``distinct_per_step=True`` a worker occupies at most one
+slot of the buffer (its newest upload replaces the older one).
+"""
+from __future__ import annotations
+
+import torch
+
+from .server import Server, StalenessWeight, Update
+
+WEIGHTINGS = ("uniform", "num_examples")
+
+
+class AFACD(Server):
+    """AFA-CD server: buffer of ``m`` uploads, uniform average, step ``η·η_L``."""
+
+    name = "afa_cd"
+
+    def __init__(self, *, local_lr: float = 0.05, server_lr: float = 1.0, buffer_size: int = 10,
+                 max_staleness: int | None = 10, stale_policy: str = "drop",
+                 weighting: str = "uniform", distinct_per_step: bool = False,
+                 staleness_weight: StalenessWeight | None = None):
+        super().__init__(local_lr=local_lr, server_lr=server_lr, max_staleness=max_staleness,
+                         stale_policy=stale_policy, staleness_weight=staleness_weight)
+        if not isinstance(buffer_size, int) or buffer_size < 1:
+            raise ValueError(f"buffer_size (m) must be an int >= 1, got {buffer_size!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.buffer_size = buffer_size
+        self.weighting = weighting
+        self.distinct_per_step = distinct_per_step
+
+    def config(self) -> dict:
+        return {**super().config(), "buffer_size": self.buffer_size, "weighting": self.weighting,
+                "distinct_per_step": self.distinct_per_step}
+
+    def _reset(self) -> None:
+        # entries: (worker, G, base_version, num_examples)
+        self.buffer: list[tuple[int, torch.Tensor, int, int]] = []
+
+    def _accept(self, update: Update, g: torch.Tensor) -> bool:
+        entry = (update.worker, g, update.base_version, update.num_examples)
+        if self.distinct_per_step:
+            self.buffer = [e for e in self.buffer if e[0] != update.worker]
+        self.buffer.append(entry)
+        if len(self.buffer) < self.buffer_size:
+            return False
+        self._step(self._average(), self.server_lr * self.local_lr)
+        self.buffer = []
+        return True
+
+    def _average(self) -> torch.Tensor:
+        if self.weighting == "num_examples":
+            total = float(sum(e[3] for e in self.buffer))
+            weights = [e[3] / total for e in self.buffer]
+        else:
+            weights = [1.0 / len(self.buffer)] * len(self.buffer)
+        out = torch.zeros_like(self.x)
+        for (worker, g, base, _), w in zip(self.buffer, weights):
+            out += (w * self._weight(self.version - base)) * g
+            self._consumed(worker, base)
+        return out
+
+    def _extra_state(self) -> dict:
+        return {"buffer": [list(e) for e in self.buffer]}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.buffer = [(int(w), g.clone(), int(b), int(n)) for w, g, b, n in state["buffer"]]

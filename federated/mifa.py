@@ -1,0 +1,60 @@
+"""MIFA: Memory-augmented Impatient Federated Averaging.
+
+X. Gu, K. Huang, J. Zhang, L. Huang. *Fast Federated Learning in the Presence of
+Arbitrary Device Unavailability.* NeurIPS 2021, arXiv:2106.04159.
+
+Every round the available devices train from the current model and refresh their
+memory slot with the *sum* of their K gradients ``U_i = (x_t − y_K)/η_L`` (no
+division by K). The server then averages all remembered slots::
+
+    x_{t+1} = x_t − η · η_L · (1/N) Σ_i U_i
+
+Uploads carry ``G = U/K``, so the slot stores ``K·G``. As in FLGo's
+implementation no step is taken until a fraction ``min_fraction`` of the devices
+have a slot, and the average runs over the filled slots. ``η`` multiplies the
+single learning rate of the paper (η = 1 is MIFA as published).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .afa_cs import MemoryServer
+from .server import Update
+
+
+class MIFA(MemoryServer):
+    """MIFA server: round-based, memory of each device's latest gradient sum."""
+
+    name = "mifa"
+    synchronous = True
+    needs_warm_start = False
+
+    def __init__(self, *, local_lr: float = 0.05, server_lr: float = 1.0, min_fraction: float = 1.0,
+                 resync_every: int = 100):
+        super().__init__(local_lr=local_lr, server_lr=server_lr, max_staleness=0,
+                         stale_policy="drop", cs_init="available_only", min_new=1,
+                         resync_every=resync_every)
+        if not (0.0 <= min_fraction <= 1.0):
+            raise ValueError(f"min_fraction must be in [0, 1], got {min_fraction!r}")
+        self.min_fraction = float(min_fraction)
+
+    def config(self) -> dict:
+        return {**super().config(), "min_fraction": self.min_fraction}
+
+    def _slot_value(self, update: Update, g: torch.Tensor) -> torch.Tensor:
+        return update.local_steps * g
+
+    def _accept(self, update: Update, g: torch.Tensor) -> bool:
+        self._store(update, g)
+        self._record(update)
+        return False
+
+    def flush(self) -> bool:
+        needed = max(1, math.ceil(self.min_fraction * self.num_workers))
+        if len(self.memory) < needed:
+            # the round's uploads stay remembered; their staleness is recorded at the first step
+            return False
+        self._take_step(self.server_lr * self.local_lr)
+        return True

@@ -1,0 +1,385 @@
+"""In-process anarchic federation on a virtual clock (anarchic_fl.md §13).
+
+A discrete-event simulator: a priority queue of events ordered by (virtual time,
+sequence number). When worker i starts a job it downloads ``(t, x_t)``, picks its
+K, and its update is computed *eagerly* on the single shared model (it depends
+only on x_t, the worker's data and the job's seed); the upload is delivered at
+``start + duration_i``. Staleness, arrival order and participation therefore
+emerge from the participation model and the speed heterogeneity, never from
+wall-clock time, and every random decision is drawn from a stream keyed by
+(seed, worker, job) — the same seed gives bit-identical results, with or without
+a checkpoint/resume in between.
+
+Synchronous servers (`FedAvg`, `MIFA`) run in rounds instead: the available
+workers are drawn from the participation model at the round's start, train on
+the current model, and the round lasts as long as its slowest member.
+
+A worker is only its data indices, a job counter and a seed, so 1,000 workers
+cost one model copy plus the in-flight updates.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .heterogeneity import Faults, FixedSteps, LocalSteps, Speed
+from .params import Params, nbytes, tensor_digest, trainable_params
+from .participation import Bernoulli, Participation
+from .partition import IID, Partitioner, label_histograms
+from .result import SimulationResult, load_checkpoint, save_checkpoint
+from .server import Server, Update
+from .worker import LocalTrainer, WorkerCrash, dataset_tensors
+
+_JOB_SEED, _COHORT = 31, 32
+_START, _ARRIVE = 0, 1
+
+
+def _job_seed(seed: int, worker: int, job: int) -> int:
+    return int(np.random.SeedSequence([seed, _JOB_SEED, worker, job]).generate_state(1)[0])
+
+
+@dataclass
+class _Job:
+    worker: int
+    job: int
+    base_version: int
+    steps: int
+    delta: Params | None   # None: the worker crashed, nothing arrives
+
+
+class _Federation:
+    """All mutable state of one simulation; `state_dict` captures it for resume."""
+
+    def __init__(self, server: Server, trainer: LocalTrainer, parts: list[np.ndarray], *,
+                 participation: Participation, local_steps: LocalSteps, speed: Speed,
+                 faults: Faults | None, max_concurrent: int | None, seed: int,
+                 record_arrivals: bool):
+        self.server, self.trainer, self.parts = server, trainer, parts
+        self.participation, self.local_steps, self.speed, self.faults = (
+            participation, local_steps, speed, faults)
+        self.max_concurrent, self.seed, self.record_arrivals = max_concurrent, seed, record_arrivals
+        m = server.num_workers
+        self.time = 0.0
+        self.seq = 0
+        self.round = 0
+        self.queue: list[tuple[float, int, int, int]] = []   # (time, seq, kind, worker)
+        self.inflight: dict[int, _Job] = {}                  # seq of the arrival -> job
+        self.jobs = [0] * m
+        self.waiting: deque[int] = deque()
+        self.busy = 0
+        self.counters = {"uplink_bytes": 0, "downlink_bytes": 0, "local_steps": 0, "crashed": 0}
+        self.accepted = [0] * m
+        self.history: list[dict] = []
+        self.arrivals: list[dict] = []
+        self._cache: tuple[int, Params] | None = None
+
+    # -- jobs -------------------------------------------------------------------------------
+    def global_params(self) -> Params:
+        if self._cache is None or self._cache[0] != self.server.version:
+            self._cache = (self.server.version, self.server.params)
+        return self._cache[1]
+
+    def run_job(self, worker: int) -> tuple[_Job, float]:
+        """Download x_t, train, and return the job and its virtual duration."""
+        job = self.jobs[worker]
+        self.jobs[worker] += 1
+        steps = self.local_steps.steps(worker, job)
+        fault, crash_at = self.faults.draw(worker, job, steps) if self.faults else (None, 0)
+        spec = self.server.spec
+        self.counters["downlink_bytes"] += spec.nbytes
+        delta: Params | None
+        try:
+            delta, _ = self.trainer.run(self.global_params(), self.parts[worker], steps,
+                                        self.server.local_lr, _job_seed(self.seed, worker, job),
+                                        crash_after=crash_at if fault == "crash" else None)
+            self.counters["local_steps"] += steps
+        except WorkerCrash:
+            delta = None
+            self.counters["local_steps"] += crash_at
+        if delta is not None and fault in ("nan", "inf", "shape"):
+            delta = Faults.corrupt(delta, fault)
+        up = nbytes(delta) if delta is not None else 0
+        duration = self.speed.duration(worker, job, steps, spec.nbytes, up)
+        return _Job(worker, job, self.server.version, steps, delta), duration
+
+    def deliver(self, job: _Job) -> bool:
+        """Hand an arrived job to the server; True when the server stepped."""
+        if job.delta is None:
+            self.counters["crashed"] += 1
+            self._log(job, "crashed", None)
+            return False
+        self.counters["uplink_bytes"] += nbytes(job.delta)
+        stats = self.server.stats
+        before = (stats["accepted"], stats["dropped_stale"])
+        tau = self.server.version - job.base_version
+        stepped = self.server.submit(Update(job.worker, job.delta, job.base_version, job.steps,
+                                            len(self.parts[job.worker])))
+        if stats["accepted"] > before[0]:
+            self.accepted[job.worker] += 1
+            status = "accepted"
+        else:
+            status = "dropped_stale" if stats["dropped_stale"] > before[1] else "rejected"
+        self._log(job, status, tau)
+        return stepped
+
+    def _log(self, job: _Job, status: str, tau: int | None) -> None:
+        if self.record_arrivals:
+            self.arrivals.append({"time": self.time, "worker": job.worker, "job": job.job,
+                                  "base_version": job.base_version, "staleness": tau,
+                                  "local_steps": job.steps, "status": status})
+
+    # -- event-driven engine ----------------------------------------------------------------
+    def push(self, time: float, kind: int, worker: int) -> int:
+        self.seq += 1
+        heapq.heappush(self.queue, (time, self.seq, kind, worker))
+        return self.seq
+
+    def schedule_next(self, worker: int) -> None:
+        t = self.participation.next_start(worker, self.time, self.jobs[worker])
+        if t is not None:
+            self.push(t, _START, worker)
+
+    def start(self, worker: int) -> None:
+        if self.max_concurrent is not None and self.busy >= self.max_concurrent:
+            self.waiting.append(worker)
+            return
+        job, duration = self.run_job(worker)
+        self.busy += 1
+        seq = self.push(self.time + duration, _ARRIVE, worker)
+        self.inflight[seq] = job
+
+    def event(self) -> bool:
+        """Process the next event; True when the server took a step. Raises IndexError when idle."""
+        time, seq, kind, worker = heapq.heappop(self.queue)
+        self.time = max(self.time, time)
+        if kind == _START:
+            self.start(worker)
+            return False
+        job = self.inflight.pop(seq)
+        self.busy -= 1
+        stepped = self.deliver(job)
+        self.schedule_next(worker)
+        while self.waiting and (self.max_concurrent is None or self.busy < self.max_concurrent):
+            self.start(self.waiting.popleft())
+        return stepped
+
+    # -- round-based engine -----------------------------------------------------------------
+    def round_step(self, cohort_size: int | None) -> bool:
+        """One synchronous round; True when the server took a step."""
+        available = np.flatnonzero(self.participation.available_mask(self.time, self.round))
+        if cohort_size is not None and len(available) > cohort_size:
+            rng = np.random.default_rng([self.seed, _COHORT, self.round])
+            available = np.sort(rng.choice(available, cohort_size, replace=False))
+        self.round += 1
+        jobs = [self.run_job(int(w)) for w in available]
+        self.time += max((d for _, d in jobs), default=_idle_interval(self.participation))
+        for job, _ in jobs:
+            self.deliver(job)
+        return self.server.flush()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "time": self.time, "seq": self.seq, "round": self.round,
+            "queue": [list(e) for e in self.queue],
+            "inflight": {seq: _job_state(j) for seq, j in self.inflight.items()},
+            "jobs": list(self.jobs), "waiting": list(self.waiting), "busy": self.busy,
+            "counters": dict(self.counters), "accepted": list(self.accepted),
+            "history": list(self.history), "arrivals": list(self.arrivals),
+            "server": self.server.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.time, self.seq, self.round = float(state["time"]), int(state["seq"]), int(state["round"])
+        self.queue = [(float(t), int(s), int(k), int(w)) for t, s, k, w in state["queue"]]
+        heapq.heapify(self.queue)
+        self.inflight = {int(seq): _Job(**j) for seq, j in state["inflight"].items()}
+        self.jobs = [int(j) for j in state["jobs"]]
+        self.waiting = deque(int(w) for w in state["waiting"])
+        self.busy = int(state["busy"])
+        self.counters = dict(state["counters"])
+        self.accepted = [int(a) for a in state["accepted"]]
+        self.history = list(state["history"])
+        self.arrivals = list(state["arrivals"])
+        self.server.load_state_dict(state["server"])
+
+
+def _job_state(job: _Job) -> dict:
+    return {"worker": job.worker, "job": job.job, "base_version": job.base_version,
+            "steps": job.steps, "delta": job.delta}
+
+
+def _idle_interval(participation: Participation) -> float:
+    return participation.interval if isinstance(participation, Bernoulli) else 1.0
+
+
+def _labels_of(labels: torch.Tensor) -> np.ndarray:
+    if labels.dtype.is_floating_point or labels.ndim != 1:
+        raise ValueError("partitioning needs integer class labels of shape (N,), got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    return labels.cpu().numpy()
+
+
+def simulate(
+    model: nn.Module,
+    train_data: Dataset,
+    algorithm: Server,
+    *,
+    num_workers: int,
+    steps: int,
+    test_data: Dataset | None = None,
+    partition: Partitioner = IID(),
+    participation: Participation | None = None,
+    local_steps: LocalSteps | None = None,
+    speed: Speed | None = None,
+    faults: Faults | None = None,
+    max_concurrent: int | None = None,
+    batch_size: int = 32,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    eval_every: int = 10,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    max_time: float | None = None,
+    record_arrivals: bool = False,
+    progress: bool = True,
+) -> SimulationResult:
+    """Run ``steps`` server steps of ``algorithm`` with ``num_workers`` anarchic workers.
+
+    Only ``model``'s trainable parameters are federated (wrap it with ``lifelong.wrap``
+    to federate an adapter); the model itself is used as the single worker instance
+    and ends holding the final global parameters. ``checkpoint`` names a file that is
+    written every ``checkpoint_every`` server steps (default: ``eval_every``) and
+    resumed from when it exists and matches this configuration.
+    """
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every must be an int >= 1, got {eval_every!r}")
+    if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
+        raise ValueError(f"max_concurrent must be an int >= 1 or None, got {max_concurrent!r}")
+    participation = participation if participation is not None else Bernoulli(1.0)
+    local_steps = local_steps if local_steps is not None else FixedSteps(5)
+    speed = speed if speed is not None else Speed()
+
+    inputs, labels = dataset_tensors(train_data)
+    label_array = _labels_of(labels)
+    parts = partition.split(label_array, num_workers, seed)
+    test_x, test_y = dataset_tensors(test_data) if test_data is not None else (inputs, labels)
+    participation.bind(num_workers, seed)
+    local_steps.bind(num_workers, seed, speed.bind(num_workers, seed))
+    if faults is not None:
+        faults.bind(num_workers, seed)
+
+    x0 = trainable_params(model)
+    server = algorithm.init(x0, num_workers)
+    trainer = LocalTrainer(model, inputs, labels, batch_size=batch_size, loss_fn=loss_fn)
+    fed = _Federation(server, trainer, parts, participation=participation, local_steps=local_steps,
+                      speed=speed, faults=faults, max_concurrent=max_concurrent, seed=seed,
+                      record_arrivals=record_arrivals)
+    config = {
+        "algorithm": server.config(), "num_workers": num_workers, "seed": seed,
+        "partition": partition.describe(), "participation": participation.describe(),
+        "local_steps": local_steps.describe(), "speed": speed.describe(),
+        "faults": faults.describe() if faults is not None else None,
+        "max_concurrent": max_concurrent, "batch_size": batch_size,
+        "loss_fn": getattr(loss_fn, "__name__", repr(loss_fn)), "eval_every": eval_every,
+        "params": server.spec.describe(), "params_digest": tensor_digest(x0),
+        "data": {"train": len(label_array), "labels_digest": _digest(label_array.tobytes()),
+                 "test": len(test_y)},
+    }
+    fingerprint = _digest(json.dumps(config, sort_keys=True).encode())
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    every = checkpoint_every or eval_every
+
+    def evaluate() -> None:
+        acc, loss = trainer.evaluate(server.params, test_x, test_y)
+        fed.history.append({"step": server.version, "time": fed.time, **fed.counters,
+                            "updates_received": server.stats["received"],
+                            "accuracy": acc, "loss": loss})
+
+    if ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"checkpoint {ckpt} was written by another configuration "
+                             f"({_diff(state['config'], config)}); delete it or pass another path")
+        fed.load_state_dict(state["sim"])
+    else:
+        _begin(fed, server, participation)
+        evaluate()
+
+    bar = tqdm(total=steps, initial=min(server.version, steps), disable=not progress,
+               desc=server.name, unit="step")
+    stopped_early = False
+    while server.version < steps:
+        if max_time is not None and fed.time >= max_time:
+            stopped_early = True
+            break
+        if server.synchronous:
+            if participation.exhausted(fed.time):
+                stopped_early = True
+                break
+            stepped = fed.round_step(getattr(server, "cohort_size", None))
+        else:
+            if not fed.queue:
+                stopped_early = True   # nobody will ever upload again
+                break
+            stepped = fed.event()
+        if not stepped:
+            continue
+        bar.update(1)
+        if server.version % eval_every == 0 or server.version == steps:
+            evaluate()
+        if ckpt is not None and (server.version % every == 0 or server.version == steps):
+            save_checkpoint(ckpt, {"fingerprint": fingerprint, "config": config,
+                                   "sim": fed.state_dict()})
+    bar.close()
+    if fed.history[-1]["step"] != server.version:
+        evaluate()
+    trainer.load(server.params)
+    stats = server.stats
+    return SimulationResult(
+        config=config, history=fed.history,
+        staleness_histogram=dict(sorted(stats["staleness_consumed"].items())),
+        staleness_at_arrival=dict(sorted(stats["staleness_arrival"].items())),
+        participation=list(fed.accepted), jobs_started=list(fed.jobs),
+        dropped_stale=stats["dropped_stale"], rejected=dict(stats["rejected"]),
+        crashed=fed.counters["crashed"], steps=server.version, virtual_time=fed.time,
+        stopped_early=stopped_early, label_histograms=label_histograms(label_array, parts),
+        arrivals=fed.arrivals, final_params=server.params,
+    )
+
+
+def _begin(fed: _Federation, server: Server, participation: Participation) -> None:
+    """Warm-start memory servers if asked, then schedule every worker's first job."""
+    if server.needs_warm_start:
+        jobs = [fed.run_job(w)[0] for w in range(server.num_workers)]
+        server.warm_start(Update(j.worker, j.delta, j.base_version, j.steps, len(fed.parts[j.worker]))
+                          for j in jobs if j.delta is not None)
+        fed.counters["uplink_bytes"] += sum(nbytes(j.delta) for j in jobs if j.delta is not None)
+    if not server.synchronous:
+        for worker in range(server.num_workers):
+            fed.schedule_next(worker)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "differs in: " + ", ".join(keys) if keys else "same settings, other code version"
