@@ -95,7 +95,7 @@ def _gemm_lowrank_kernel(
     mask_scale,
     HAS_LR: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TADD: tl.constexpr, HAS_KS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr, STORE_Z: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, RP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
@@ -104,7 +104,7 @@ def _gemm_lowrank_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     out_ok = m_ok[:, None] & n_ok[None, :]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BM, BN), dtype=ACC)
     # Adapter term first: it is the part the dropout mask applies to.
     if HAS_LR:
         offs_r = tl.arange(0, RP)
@@ -113,10 +113,10 @@ def _gemm_lowrank_kernel(
         rt = tl.load(R + offs_r[:, None] * s_rr + offs_n[None, :] * s_rn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         sc = tl.load(RS + offs_r, mask=r_ok, other=0.0)
         # The per-rank scale sits inside the rank sum, so the seed product runs in fp32.
-        acc = _mma(lt.to(tl.float32) * sc[None, :], rt.to(tl.float32), acc, PRECISION)
+        acc = _mma(lt.to(ACC) * sc[None, :], rt.to(ACC), acc, PRECISION)
     if HAS_TADD:
         col = offs_n % RANK
-        acc += tl.load(TADD + offs_m[:, None] * s_tm + col[None, :] * s_tr, mask=out_ok, other=0.0).to(tl.float32)
+        acc += tl.load(TADD + offs_m[:, None] * s_tm + col[None, :] * s_tr, mask=out_ok, other=0.0).to(ACC)
     if HAS_MASK:
         keep = tl.load(MASK + offs_m[:, None] * s_mm + offs_n[None, :] * s_mn, mask=out_ok, other=0)
         acc = tl.where(keep != 0, acc * mask_scale, 0.0)
@@ -131,15 +131,15 @@ def _gemm_lowrank_kernel(
             q = q.to(tl.float32)
         if HAS_KS:
             ks = tl.load(KS + offs_k, mask=k_ok, other=0.0)
-            q = (q.to(tl.float32) * ks[:, None]).to(p.dtype)
+            q = (q.to(ACC) * ks[:, None]).to(p.dtype)
         acc = _mma(p, q, acc, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(ACC)[None, :]
     if HAS_AFFINE:
         if STORE_Z:
             tl.store(Z + offs_m[:, None] * s_zm + offs_n[None, :] * s_zn, acc.to(Z.dtype.element_ty), mask=out_ok)
-        g = tl.load(GAMMA + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        b = tl.load(BETA + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        g = tl.load(GAMMA + offs_n, mask=n_ok, other=0.0).to(ACC)
+        b = tl.load(BETA + offs_n, mask=n_ok, other=0.0).to(ACC)
         acc = acc * g[None, :] + b[None, :]
     tl.store(C + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn, acc.to(C.dtype.element_ty), mask=out_ok)
 
@@ -151,7 +151,8 @@ def _dy_pass_kernel(
     M, N, RANK, M_BUCKET,
     s_gm, s_gn, s_bn, s_br, s_um, s_ur, s_dus, s_dum, s_dbp, s_dbn,
     NEED_DU: tl.constexpr, NEED_DB: tl.constexpr, ATOMIC: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, RP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -164,7 +165,7 @@ def _dy_pass_kernel(
         u = tl.load(U + offs_m[:, None] * s_um + offs_r[None, :] * s_ur, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         if UPCAST:
             u = u.to(tl.float32)
-    du = tl.zeros((BM, RP), dtype=tl.float32)
+    du = tl.zeros((BM, RP), dtype=ACC)
     tiles_per_split = tl.cdiv(tl.cdiv(N, BN), tl.num_programs(1))
     for t in range(0, tiles_per_split):
         offs_n = (pid_s * tiles_per_split + t) * BN + tl.arange(0, BN)
@@ -178,7 +179,7 @@ def _dy_pass_kernel(
                 b = b.to(tl.float32)
             du = _mma(g, b, du, PRECISION)
         if NEED_DB:
-            db = _mma(tl.trans(g), u, tl.zeros((BN, RP), dtype=tl.float32), PRECISION) * sc[None, :]
+            db = _mma(tl.trans(g), u, tl.zeros((BN, RP), dtype=ACC), PRECISION) * sc[None, :]
             db_ptr = DB + offs_n[:, None] * s_dbn + offs_r[None, :]
             db_ok = n_ok[:, None] & r_ok[None, :]
             if ATOMIC:
@@ -192,20 +193,20 @@ def _dy_pass_kernel(
 
 @triton.jit
 def _colsum2_kernel(G, Z, SG, SGZ, M, N, rows_per_prog, s_gm, s_gn, s_zm, s_zn,
-                    NEED_GZ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                    NEED_GZ: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < N
-    sg = tl.zeros((BN,), dtype=tl.float32)
-    sgz = tl.zeros((BN,), dtype=tl.float32)
+    sg = tl.zeros((BN,), dtype=ACC)
+    sgz = tl.zeros((BN,), dtype=ACC)
     for t in range(0, tl.cdiv(rows_per_prog, BM)):
         offs_m = (pid_m * rows_per_prog + t * BM + tl.arange(0, BM)).to(tl.int64)
         ok = ((offs_m < M) & (offs_m < (pid_m + 1) * rows_per_prog))[:, None] & n_ok[None, :]
-        g = tl.load(G + offs_m[:, None] * s_gm + offs_n[None, :] * s_gn, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(G + offs_m[:, None] * s_gm + offs_n[None, :] * s_gn, mask=ok, other=0.0).to(ACC)
         sg += tl.sum(g, axis=0)
         if NEED_GZ:
-            z = tl.load(Z + offs_m[:, None] * s_zm + offs_n[None, :] * s_zn, mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(Z + offs_m[:, None] * s_zm + offs_n[None, :] * s_zn, mask=ok, other=0.0).to(ACC)
             sgz += tl.sum(g * z, axis=0)
     tl.store(SG + pid_m * N + offs_n, sg, mask=n_ok)
     if NEED_GZ:
@@ -217,7 +218,7 @@ def _colsum2_kernel(G, Z, SG, SGZ, M, N, rows_per_prog, s_gm, s_gn, s_zm, s_zn,
 def _cov_tri_kernel(
     X, ROWMASK, W, C, T, D, D_BUCKET, s_xt, s_xd, s_ci, s_cj,
     HAS_ROWMASK: tl.constexpr, HAS_W: tl.constexpr, MIRROR: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
 ):
     # Map the 1-D program id to the tile pair (ti <= tj) of the upper triangle, row by row (row ti
     # holds nt - ti pairs): no host-side table and no square grid with early exits.
@@ -235,7 +236,7 @@ def _cov_tri_kernel(
     offs_j = tj * BD + tl.arange(0, BD)
     i_ok = offs_i < D
     j_ok = offs_j < D
-    acc = tl.zeros((BD, BD), dtype=tl.float32)
+    acc = tl.zeros((BD, BD), dtype=ACC)
     for t0 in range(0, tl.cdiv(T, BT)):
         offs_t = (t0 * BT + tl.arange(0, BT)).to(tl.int64)
         t_ok = offs_t < T
@@ -251,7 +252,7 @@ def _cov_tri_kernel(
             xj = tl.where(keep[:, None] != 0, xj, tl.zeros_like(xj))
         acc = _mma(tl.trans(xi), xj, acc, PRECISION)
     if HAS_W:
-        acc = acc * tl.load(W).to(tl.float32)
+        acc = acc * tl.load(W).to(ACC)
     ok = i_ok[:, None] & j_ok[None, :]
     c_ptr = C + offs_i[:, None].to(tl.int64) * s_ci + offs_j[None, :] * s_cj
     tl.store(c_ptr, tl.load(c_ptr, mask=ok, other=0.0) + acc, mask=ok)
@@ -273,10 +274,13 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
-def _scale_vec(scale: float | Tensor, r: int, device: torch.device) -> Tensor:
-    if isinstance(scale, Tensor):
-        return scale.to(device=device, dtype=torch.float32).expand(r).contiguous()
-    return torch.full((r,), float(scale), device=device, dtype=torch.float32)
+def _acc(dtype: torch.dtype) -> tl.dtype:
+    """fp32 accumulation, except fp64 inputs (interpreter-only: gradcheck of the Triton path)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _buf_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _strides(t: Tensor | None, n: int = 2) -> tuple[int, ...]:
@@ -319,7 +323,7 @@ def gemm_lowrank(
         *c.stride(), float(mask_scale),
         HAS_LR=lr is not None, HAS_MASK=mask is not None, HAS_TADD=tadd is not None, HAS_KS=kscale is not None,
         HAS_BIAS=bias is not None, HAS_AFFINE=affine is not None, STORE_Z=store_z,
-        UPCAST=_upcast(dtype), PRECISION=_precision(dtype), RP=rank_pad(rank),
+        UPCAST=_upcast(dtype), PRECISION=_precision(dtype), ACC=_acc(dtype), RP=rank_pad(rank),
     )
     return c, z
 
@@ -344,10 +348,10 @@ def dy_pass(
     # Enough programs to fill the device: split the N loop when there are few row tiles.
     m_tiles_max = triton.cdiv(m, MIN_DY_BM)
     split = 1 if INTERPRET else max(1, min(triton.cdiv(n, 128), 264 // m_tiles_max))
-    du_part = torch.empty((split, m, rp), device=g.device, dtype=torch.float32) if need_du else None
+    du_part = torch.zeros((split, m, rp), device=g.device, dtype=_buf_dtype(g.dtype)) if need_du else None
     if need_db:
         db_rows = 1 if atomic else m_tiles_max
-        db_part = torch.zeros((db_rows, n, rp), device=g.device, dtype=torch.float32)
+        db_part = torch.zeros((db_rows, n, rp), device=g.device, dtype=_buf_dtype(g.dtype))
     else:
         db_part = None
     dummy = g
@@ -363,7 +367,7 @@ def dy_pass(
         (du_part.stride(0) if need_du else 0), (du_part.stride(1) if need_du else 0),
         (db_part.stride(0) if need_db else 0), (db_part.stride(1) if need_db else 0),
         NEED_DU=need_du, NEED_DB=need_db, ATOMIC=atomic,
-        UPCAST=_upcast(g.dtype), PRECISION=_precision(g.dtype), RP=rp,
+        UPCAST=_upcast(g.dtype), PRECISION=_precision(g.dtype), ACC=_acc(g.dtype), RP=rp,
     )
     du = du_part.sum(0)[:, :rank] if need_du else None
     db = db_part.sum(0)[:, :rank] if need_db else None
@@ -379,11 +383,11 @@ def colsum2(g: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor | None]:
     bm, bn = (32, 32) if INTERPRET else (64, 128)
     blocks = 1 if INTERPRET else max(1, min(triton.cdiv(m, 4 * bm), 1024 // triton.cdiv(n, bn)))
     rows = triton.cdiv(m, blocks)
-    sg = torch.empty((blocks, n), device=g.device, dtype=torch.float32)
-    sgz = torch.empty((blocks, n), device=g.device, dtype=torch.float32) if z is not None else None
+    sg = torch.empty((blocks, n), device=g.device, dtype=_buf_dtype(g.dtype))
+    sgz = torch.empty((blocks, n), device=g.device, dtype=_buf_dtype(g.dtype)) if z is not None else None
     _colsum2_kernel[(blocks, triton.cdiv(n, bn))](
         g, z if z is not None else g, sg, sgz if sgz is not None else sg, m, n, rows,
-        *g.stride(), *_strides(z), NEED_GZ=z is not None, BM=bm, BN=bn, num_warps=4,
+        *g.stride(), *_strides(z), NEED_GZ=z is not None, ACC=_acc(g.dtype), BM=bm, BN=bn, num_warps=4,
     )
     return sg.sum(0), (sgz.sum(0) if sgz is not None else None)
 
@@ -404,6 +408,6 @@ def cov_tri(c: Tensor, x: Tensor, *, row_mask: Tensor | None = None, weight: Ten
         x, row_mask if row_mask is not None else x, weight if weight is not None else c, c,
         t, d, next_pow2(d), *x.stride(), *c.stride(),
         HAS_ROWMASK=row_mask is not None, HAS_W=weight is not None, MIRROR=mirror,
-        UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+        UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), ACC=_acc(c.dtype),
     )
     return c
