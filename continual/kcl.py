@@ -73,6 +73,22 @@ def _normalise(h: torch.Tensor, mode: str) -> torch.Tensor:
     return h
 
 
+def _targets(dataset) -> torch.Tensor:
+    """Class label of every item (fast paths for TensorDataset and Avalanche's ``targets``)."""
+    if hasattr(dataset, "tensors"):
+        return dataset.tensors[1].long().cpu()
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(list(targets), dtype=torch.long)
+    return torch.tensor([int(dataset[k][1]) for k in range(len(dataset))])
+
+
+def _inputs(dataset, indices: torch.Tensor) -> torch.Tensor:
+    if hasattr(dataset, "tensors"):
+        return dataset.tensors[0][indices]
+    return torch.stack([dataset[k][0] for k in indices.tolist()])
+
+
 class _Amortised(nn.Module):
     """3-layer ELU network: mean feature → (μ, log σ²) of the random-feature basis distribution."""
 
@@ -203,7 +219,7 @@ class KCL(nn.Module):
 
     # -- support sets (KCL: stored coreset; GKCL overrides) -----------------------------------------
     def _split_coreset(self, index: int, dataset, seed: int) -> Subset:
-        ys = torch.tensor([int(dataset[k][1]) for k in range(len(dataset))])
+        ys = _targets(dataset)
         g = torch.Generator().manual_seed(seed)
         picked = []
         for c in sorted(set(ys.tolist())):
@@ -212,8 +228,8 @@ class KCL(nn.Module):
                 raise ValueError(f"KCL: class {c} of experience {index} has {len(idx)} training samples; "
                                  f"samples_per_class={self.m} must leave some for training")
             picked.append(idx[torch.randperm(len(idx), generator=g)[: self.m]])
-        core = torch.cat(picked)
-        self.coreset_x.append(torch.stack([dataset[k][0] for k in core.tolist()]).to(self.device))
+        core = torch.cat(picked).sort().values
+        self.coreset_x.append(_inputs(dataset, core).to(self.device))
         self.coreset_y.append(ys[core].to(self.device))
         rest = sorted(set(range(len(dataset))) - set(core.tolist()))
         return Subset(dataset, rest)

@@ -20,9 +20,12 @@ Adapter-wrapped layers (any module with a ``base_layer`` — PEFT LoRA layers an
 ``AdaptedLayer``): the frozen base has nothing to mask; an adapter ``nn.Linear`` whose output size
 is the wrapped layer's ``d_out`` ("up" factor, e.g. ``lora_B``) is masked with the magnitudes of
 the FULL wrapped-layer output; any other adapter ``nn.Linear`` ("down" factor, e.g. ``lora_A``)
-with its own output (paper §3.3). A raw 2-D adapter parameter whose first dimension is ``d_out``
-is treated as an up factor; other adapter tensors cannot be attributed to output units and are
-left unmasked (listed in ``MIGU.unmasked``).
+with its own output (paper §3.3). Adapters that hold raw 2-D parameters (lifelong's CorDA/KORE/
+LaMDA ``lora_A (r, d_in)``/``lora_B (d_out, r)``): a parameter with ``d_out`` rows is an up factor
+(full output); one with ``d_in`` columns is a down factor whose own output ``x Pᵀ`` is recomputed
+from the wrapped layer's input (without the adapter's dropout). Other adapter tensors (LaMDA's
+``lora_S``, Bone blocks, SSF scales) cannot be attributed to output units and are left unmasked
+(listed in ``MIGU.unmasked``).
 
 Call order per optimizer step: forwards → ``backward()`` → ``mask_gradients()`` → (clip) →
 ``optimizer.step()`` → ``after_step()``.
@@ -54,9 +57,9 @@ def migu_mask(magnitudes: torch.Tensor, mask_ratio: float) -> torch.Tensor:
 
 def match_modules(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
     """Modules selected like PEFT: ``"all-linear"``, a regex (full match) or a list of name suffixes."""
+    if target_modules == "all-linear":  # the root counts too: a bare nn.Linear is its own target ""
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     named = [(n, m) for n, m in model.named_modules() if n]
-    if target_modules == "all-linear":
-        return [(n, m) for n, m in named if isinstance(m, nn.Linear)]
     if isinstance(target_modules, str):
         return [(n, m) for n, m in named if re.fullmatch(target_modules, n)]
     if isinstance(target_modules, (list, tuple, set)):
@@ -71,7 +74,12 @@ class _Target:
     name: str
     weight: nn.Parameter
     bias: nn.Parameter | None
-    source: nn.Module  # module whose output gives the magnitudes
+    source: nn.Module  # module whose forward gives the magnitudes
+    from_input: bool = False  # raw "down" factor P: magnitudes of x Pᵀ from the wrapper's input
+
+    @property
+    def key(self) -> int:
+        return id(self.weight) if self.from_input else id(self.source)
 
 
 def _is_wrapper(module: nn.Module) -> bool:
@@ -178,11 +186,15 @@ class MIGU:
             source = wrapper if sub.out_features == d_out else sub
             targets.append(_Target(f"{name}.{sub_name}", sub.weight, sub.bias, source))
             covered.update({id(sub.weight), id(sub.bias)})
+        d_in = getattr(wrapper.base_layer, "in_features", None)
         for p_name, p in wrapper.named_parameters():
             if id(p) in covered or id(p) in base_params or not p.requires_grad:
                 continue
-            if p.dim() == 2 and p.shape[0] == d_out:
-                targets.append(_Target(f"{name}.{p_name}", p, None, wrapper))
+            leaf = p_name.rsplit(".", 1)[-1].lower()
+            up = p.dim() == 2 and p.shape[0] == d_out and not ("lora_a" in leaf or "down" in leaf)
+            down = p.dim() == 2 and p.shape[1] == d_in and not up
+            if up or down:
+                targets.append(_Target(f"{name}.{p_name}", p, None, wrapper, from_input=down))
             else:
                 self.unmasked.append(f"{name}.{p_name}")
         return targets
@@ -196,23 +208,34 @@ class MIGU:
         self.targets = self._collect(model)
         if not self.targets:
             raise ValueError(f"MIGU: no trainable linear layer matches target_modules={self.target_modules!r}")
-        sources = {id(t.source): t.source for t in self.targets}
-        for key, module in sources.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(key)))
+        sources: dict[int, tuple[nn.Module, list[_Target]]] = {}
+        for t in self.targets:
+            sources.setdefault(id(t.source), (t.source, []))[1].append(t)
+        for module, group in sources.values():
+            down = [t for t in group if t.from_input]
+            own = any(not t.from_input for t in group)
+            self._handles.append(module.register_forward_hook(self._make_hook(id(module), own, down)))
         self._acc = {}
         return self
 
-    def _make_hook(self, key: int):
+    def _add(self, key: int, out: torch.Tensor) -> None:
+        h = out.detach().float().abs().reshape(-1, out.shape[-1])
+        if self.normalize == "token":
+            h = h / h.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        m = h.sum(dim=0)
+        self._acc[key] = m if key not in self._acc else self._acc[key] + m
+
+    def _make_hook(self, key: int, own: bool, down: list[_Target]):
         def hook(module, inputs, output):
             # Evaluation forwards and no_grad generation must not pollute the magnitudes.
             if not (module.training and torch.is_grad_enabled()):
                 return
-            out = output[0] if isinstance(output, tuple) else output
-            h = out.detach().float().abs().reshape(-1, out.shape[-1])
-            if self.normalize == "token":
-                h = h / h.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-            m = h.sum(dim=0)
-            self._acc[key] = m if key not in self._acc else self._acc[key] + m
+            if own:
+                self._add(key, output[0] if isinstance(output, tuple) else output)
+            for t in down:  # raw down factor: its own output x Pᵀ (dropout not applied here)
+                with torch.no_grad():
+                    x = inputs[0].detach()
+                    self._add(t.key, torch.nn.functional.linear(x.to(t.weight.dtype), t.weight.detach()))
         return hook
 
     def detach(self) -> None:
@@ -223,13 +246,13 @@ class MIGU:
 
     def magnitudes(self) -> dict[str, torch.Tensor]:
         """Accumulated magnitude vector per target name (for inspection and tests)."""
-        return {t.name: self._acc[id(t.source)].clone() for t in self.targets if id(t.source) in self._acc}
+        return {t.name: self._acc[t.key].clone() for t in self.targets if t.key in self._acc}
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Current keep-masks per target (from the magnitudes accumulated so far)."""
         out = {}
         for t in self.targets:
-            m = self._acc.get(id(t.source))
+            m = self._acc.get(t.key)
             if m is not None:
                 out[t.name] = migu_mask(m, self.mask_ratio)
         return out

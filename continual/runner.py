@@ -32,7 +32,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
 
 from .classp import CLASSP
 from .metrics import AccuracyMatrix, accuracy
@@ -58,6 +58,29 @@ def unpack(batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
     x, y = batch[0].to(device), batch[1].to(device)
     t = batch[2].to(device) if len(batch) > 2 else None
     return x, y, t
+
+
+class _Experience:
+    """An experience whose data was copied into tensors once (Avalanche item access is slow)."""
+
+    def __init__(self, exp, index: int):
+        self.dataset = materialize(exp.dataset)
+        self.classes_in_this_experience = experience_classes(exp)
+        self.task_labels = list(exp.task_labels) if has_task_labels(exp) else []
+        self.current_experience = index
+
+
+def materialize(dataset) -> TensorDataset:
+    """All items of a map-style dataset as one TensorDataset (same item order and tuple layout)."""
+    columns: list[list[torch.Tensor]] | None = None
+    for batch in DataLoader(dataset, batch_size=1024, shuffle=False):
+        if columns is None:
+            columns = [[] for _ in batch]
+        for col, part in zip(columns, batch):
+            col.append(torch.as_tensor(part))
+    if columns is None:
+        raise ValueError("an experience has an empty dataset")
+    return TensorDataset(*[torch.cat(c) for c in columns])
 
 
 def experience_seed(seed: int, index: int) -> int:
@@ -282,15 +305,17 @@ def run_stream(model: nn.Module, stream, method="naive", *, method_options: dict
         "stream": [[len(e.dataset) for e in train_exps], [len(e.dataset) for e in test_exps]],
         "model": {k: list(v.shape) for k, v in model.state_dict().items()},
     }
+    test_sets = [_Experience(e, j) for j, e in enumerate(test_exps)]
     if engine == "avalanche":
         from .avalanche_bridge import AvalancheEngine
 
         runner = AvalancheEngine(model, name, method_obj, method_options, optimizer, lr, epochs, batch_size,
                                  eval_batch_size, device, criterion, masks, train_exps, seed)
     else:
+        train_exps = [_Experience(e, i) for i, e in enumerate(train_exps)]
         runner = _NativeEngine(model, name, method_obj, method_options, optimizer, lr, epochs, batch_size,
                                device, criterion, masks, train_exps, seed)
-    return _loop(runner, config, train_exps, test_exps, masks, eval_batch_size, device, seed, checkpoint_dir,
+    return _loop(runner, config, train_exps, test_sets, masks, eval_batch_size, device, seed, checkpoint_dir,
                  resume, progress)
 
 
