@@ -1,0 +1,180 @@
+"""Per-task adapter routing: one adapter per task, a batch routed by task id.
+
+Task-incremental learning with any registry adapter: :class:`TaskRoutedModel` keeps one adapter
+per task (named ``task_<id>``) on a shared frozen base and runs ``forward(..., task_id=...)`` with
+that task's adapter. ``task_id`` is one id for the whole batch or one id per sample (a 1-D integer
+tensor or a list); a mixed batch is split by task, each part runs with its own adapter, and the
+outputs are put back in the original order. When task heads differ in size, the last axis is
+padded with ``-inf`` (``pad_value``) so that ``argmax`` and cross-entropy over a task's own classes
+are unchanged.
+
+Routing switches which adapter runs without touching ``requires_grad``: the trainable task is
+the one chosen with :meth:`set_task` (only its tensors train), so training task t can never move
+another task's tensors. A forward without ``task_id`` uses the task chosen by :meth:`set_task`, or
+the only task; with several tasks and none chosen it is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import CONFIG_FILE, AdaptedModel
+
+PREFIX = "task_"
+
+
+class TaskRoutedModel(AdaptedModel):
+    """An :class:`AdaptedModel` with one adapter per task and task-id routing in ``forward``.
+
+    ``method`` and ``options`` are the defaults for :meth:`add_task` (each call may override them).
+    """
+
+    def __init__(self, model: nn.Module, method: str | None = None, pad_value: float = float("-inf"), **options: Any):
+        super().__init__(model)
+        self.default_method = method
+        self.default_options = options
+        self.pad_value = pad_value
+        self.task_ids: dict[str, Any] = {}
+        self.current_task: Any = None
+
+    # ---- tasks -----------------------------------------------------------------------------
+    @staticmethod
+    def adapter_name(task_id: Any) -> str:
+        if isinstance(task_id, Tensor) and task_id.numel() == 1:
+            task_id = int(task_id)
+        if isinstance(task_id, bool) or not isinstance(task_id, (int, str)):
+            raise TypeError(f"a task id is an int or a str, got {task_id!r}")
+        return f"{PREFIX}{task_id}"
+
+    @property
+    def tasks(self) -> list[Any]:
+        return list(self.task_ids.values())
+
+    def add_task(self, task_id: Any, method: str | None = None, **options: Any) -> str:
+        """Add an adapter for ``task_id`` (inactive unless it is the first); returns its name."""
+        method = method or self.default_method
+        if method is None:
+            raise ValueError("add_task needs an adapter method (here or in TaskRoutedModel(model, method, ...))")
+        name = self.adapter_name(task_id)
+        self.add_adapter(name, method, **{**self.default_options, **options})
+        self.task_ids[name] = task_id
+        return name
+
+    def set_task(self, task_id: Any) -> None:
+        """Make ``task_id`` the task that trains and that a forward without ``task_id`` runs."""
+        name = self._known(task_id)
+        self.set_adapter(name)
+        self.current_task = self.task_ids[name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        removed = self.task_ids.pop(adapter_name, None)
+        if removed is not None and removed == self.current_task:
+            self.current_task = None
+
+    def _known(self, task_id: Any) -> str:
+        name = self.adapter_name(task_id)
+        if name not in self.task_ids:
+            raise ValueError(f"task {task_id!r} was never added; tasks: {self.tasks}")
+        return name
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, *args: Any, task_id: Any = None, **kwargs: Any) -> Any:
+        if any(layer.merged for layer in self.adapted_layers()):
+            raise RuntimeError("unmerge() before routing by task")
+        ids = self._resolve(task_id)
+        if isinstance(ids, str):
+            with self._routed(ids):
+                return self.base_model(*args, **kwargs)
+        return self._mixed(ids, args, kwargs)
+
+    def _resolve(self, task_id: Any) -> str | list[str]:
+        """One adapter name, or one per sample."""
+        if task_id is None:
+            if self.current_task is not None:
+                return self.adapter_name(self.current_task)
+            if len(self.task_ids) == 1:
+                return next(iter(self.task_ids))
+            raise ValueError(
+                f"this model holds {len(self.task_ids)} tasks {self.tasks}: pass task_id= (one id or one per sample) "
+                "or choose one with set_task"
+            )
+        if isinstance(task_id, Tensor) and task_id.dim() == 0:
+            task_id = int(task_id)
+        if isinstance(task_id, (int, str)) and not isinstance(task_id, bool):
+            return self._known(task_id)
+        if isinstance(task_id, Tensor):
+            if task_id.dim() != 1 or task_id.is_floating_point():
+                raise ValueError(f"per-sample task ids must be a 1-D integer tensor, got shape {tuple(task_id.shape)} {task_id.dtype}")
+            task_id = task_id.tolist()
+        if not isinstance(task_id, (list, tuple)) or not task_id:
+            raise TypeError(f"task_id must be an int/str or a non-empty sequence of them, got {task_id!r}")
+        names = [self._known(t) for t in task_id]
+        return names[0] if len(set(names)) == 1 else names
+
+    @contextlib.contextmanager
+    def _routed(self, name: str) -> Iterator[None]:
+        """Run ``name``'s adapter (and its saved modules) without changing what trains."""
+        layers, saved = list(self.adapted_layers()), list(self.saved_modules())
+        before = ([layer.active for layer in layers], [m.active for m in saved])
+        for layer in layers:
+            layer.active = [name] if name in layer.adapters else []
+        for module in saved:
+            module.active = name
+        try:
+            yield
+        finally:
+            for layer, active in zip(layers, before[0]):
+                layer.active = active
+            for module, active in zip(saved, before[1]):
+                module.active = active
+
+    def _mixed(self, names: list[str], args: tuple, kwargs: dict) -> Tensor:
+        batch = len(names)
+        order, pieces = [], []
+        for name in dict.fromkeys(names):  # tasks in order of first appearance
+            index = torch.tensor([i for i, n in enumerate(names) if n == name])
+            sub_args = tuple(_take(a, index, batch) for a in args)
+            sub_kwargs = {k: _take(v, index, batch) for k, v in kwargs.items()}
+            with self._routed(name):
+                out = self.base_model(*sub_args, **sub_kwargs)
+            if not isinstance(out, Tensor):
+                raise TypeError(f"a batch with mixed task ids needs a model returning a tensor, got {type(out).__name__}")
+            order.append(index)
+            pieces.append(out)
+        width = max(p.shape[-1] for p in pieces)
+        if any(p.shape[1:-1] != pieces[0].shape[1:-1] for p in pieces):
+            raise ValueError(f"task outputs differ beyond the last axis: {[tuple(p.shape) for p in pieces]}")
+        pieces = [F.pad(p, (0, width - p.shape[-1]), value=self.pad_value) for p in pieces]
+        inverse = torch.argsort(torch.cat(order)).to(pieces[0].device)
+        return torch.cat(pieces)[inverse]
+
+    # ---- save / load ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False, **defaults: Any) -> "TaskRoutedModel":
+        """Rebuild the tasks saved by ``save_pretrained`` (one sub-folder ``task_<id>`` per task)."""
+        folders = sorted(p for p in Path(directory).iterdir() if p.name.startswith(PREFIX) and (p / CONFIG_FILE).is_file())
+        if not folders:
+            raise FileNotFoundError(f"no task adapters (sub-folders {PREFIX}<id>) in {str(directory)!r}")
+        routed = cls(model, **defaults)
+        for folder in folders:
+            routed.load_adapter(folder, folder.name, is_trainable=is_trainable)
+            suffix = folder.name[len(PREFIX):]
+            routed.task_ids[folder.name] = int(suffix) if suffix.lstrip("-").isdigit() else suffix
+        return routed
+
+
+def _take(value: Any, index: Tensor, batch: int) -> Any:
+    """The rows ``index`` of a batch-first tensor (or of each tensor in a dict); others as they are."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.index_select(0, index.to(value.device))
+    if isinstance(value, dict):
+        return {k: _take(v, index, batch) for k, v in value.items()}
+    return value
