@@ -1,5 +1,6 @@
 """The ``lifelong`` command.
 
+    lifelong run CONFIG.yaml [--output DIR] [--resume | --overwrite] [key=value ...]
     lifelong adapters MODEL        trainable parameters of every registered adapter on MODEL
     lifelong bench NAME [ARGS...]  run benchmarks/NAME.py from the source checkout
 """
@@ -87,12 +88,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"adapters": cmd_adapters, "bench": cmd_bench}
+def cmd_run(args: argparse.Namespace) -> int:
+    from .experiment import ConfigError, load_config, run_experiment
+
+    try:
+        config = load_config(args.config, args.overrides)
+        output = args.output or Path("runs") / config["name"]
+        run_experiment(config, output, resume=args.resume, overwrite=args.overwrite)
+    except ConfigError as err:
+        print(f"lifelong run: {err}", file=sys.stderr)
+        return 2
+    print(f"\nreport: {Path(output) / 'report.md'}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": cmd_run, "adapters": cmd_adapters, "bench": cmd_bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lifelong", description="continual learning with adapters")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run an experiment from a YAML config and write a report")
+    p.add_argument("config", help="YAML file (see examples/configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.lr=0.1")
+    p.add_argument("--output", type=Path, help="output folder (default: runs/<name>)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
+    mode.add_argument("--overwrite", action="store_true", help="replace the results in --output")
     p = sub.add_parser("adapters", help="list the adapters with their trainable parameters on a model")
     p.add_argument("model", help=f"a local Hugging Face model folder or one of: {', '.join(BUILTIN_MODELS)}")
     p = sub.add_parser("bench", help="run a script from benchmarks/")

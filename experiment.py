@@ -1,0 +1,384 @@
+"""Experiments from a YAML config: what ``lifelong run CONFIG.yaml`` does.
+
+A config describes either a continual stream (``kind: continual``: stream, model, optional
+adapter, methods, seeds) or a federation (``kind: federated``: data, model, optional adapter,
+partition, participation, local steps, algorithms, seeds). Every (method, seed) pair is a *cell*;
+each finished cell is stored as JSON under ``cells/`` (and a running cell checkpoints beside it),
+so ``--resume`` never recomputes finished work. The report (``results.json``, ``report.md`` and
+PNG plots) is written from the cells at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import platform
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .continual.result import atomic_write_text
+
+COMMON_KEYS = {"kind", "name", "seeds", "model", "adapter"}
+SECTION_KEYS = {
+    "continual": COMMON_KEYS | {"stream", "methods", "training"},
+    "federated": COMMON_KEYS | {"data", "federation", "partition", "participation", "local_steps", "speed", "algorithms"},
+}
+REQUIRED = {"continual": {"stream", "methods"}, "federated": {"algorithms"}}
+TRAINING_KEYS = {"epochs": int, "lr": float, "batch_size": int, "optimizer": str, "engine": str}
+FEDERATION_KEYS = {"num_workers": int, "steps": int, "batch_size": int, "eval_every": int, "max_concurrent": int}
+CONTINUAL_METRICS = ("acc", "forgetting", "bwt", "fwt", "wall_time_s")
+FEDERATED_METRICS = ("final_accuracy", "best_accuracy", "uplink_mb", "dropped_stale", "participation_gini", "wall_time_s")
+HIGHER_IS_BETTER = {"acc": True, "forgetting": False, "bwt": True, "fwt": True, "wall_time_s": False,
+                    "final_accuracy": True, "best_accuracy": True, "uplink_mb": False, "dropped_stale": False,
+                    "participation_gini": False}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what is allowed."""
+
+
+# ---- loading and validation ---------------------------------------------------------------------
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
+    """Read a YAML config, apply ``a.b=value`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(config).__name__}")
+    for item in overrides:
+        apply_override(config, item)
+    return validate(config)
+
+
+def apply_override(config: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.subkey=value")
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def validate(config: dict) -> dict:
+    """Check every key and type; return the config with defaults filled in and methods normalised."""
+    kind = config.get("kind")
+    if kind not in SECTION_KEYS:
+        raise ConfigError(f"kind must be one of {sorted(SECTION_KEYS)}, got {kind!r}")
+    check_keys(config, SECTION_KEYS[kind], "config")
+    missing = sorted(REQUIRED[kind] - set(config))
+    if missing:
+        raise ConfigError(f"config of kind {kind!r} is missing {missing}")
+    out = dict(config)
+    out.setdefault("name", kind)
+    out["seeds"] = check_seeds(config.get("seeds", [0]))
+    out["model"] = named_section(config.get("model", {"name": "mlp"}), "model")
+    out["adapter"] = None if config.get("adapter") is None else named_section(config["adapter"], "adapter")
+    if out["adapter"] is not None:
+        import lifelong
+
+        if out["adapter"]["name"] not in lifelong.available():
+            raise ConfigError(f"adapter.name: unknown adapter {out['adapter']['name']!r}; allowed: {lifelong.available()}")
+    return validate_continual(out) if kind == "continual" else validate_federated(out)
+
+
+def validate_continual(config: dict) -> dict:
+    from .continual import METHODS
+
+    config["stream"] = named_section(config["stream"], "stream", allowed=sorted(STREAMS))
+    config["methods"] = method_list(config["methods"], "methods", METHODS)
+    config["training"] = typed_section(config.get("training", {}), TRAINING_KEYS, "training")
+    task_aware = config["stream"]["options"].get("task_incremental") or config["stream"]["options"].get("task_labels")
+    if config["adapter"] and config["adapter"]["name"] == "clr" and not task_aware:
+        raise ConfigError("adapter 'clr' routes by task id: the stream needs task ids "
+                          "(stream.options.task_incremental: true, or task_labels: true)")
+    return config
+
+
+def validate_federated(config: dict) -> dict:
+    from . import federated as fl
+
+    config["data"] = named_section(config.get("data", {"name": "digits"}), "data", allowed=["digits"])
+    config["algorithms"] = method_list(config["algorithms"], "algorithms", tuple(ALGORITHMS))
+    config["federation"] = typed_section(config.get("federation", {}), FEDERATION_KEYS, "federation")
+    for key, table in (("partition", PARTITIONS), ("participation", PARTICIPATIONS), ("local_steps", LOCAL_STEPS)):
+        if config.get(key) is not None:
+            config[key] = named_section(config[key], key, allowed=sorted(table))
+    if config.get("speed") is not None:
+        check_options(fl.Speed, config["speed"], "speed")
+    return config
+
+
+def check_keys(section: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def check_seeds(seeds: Any) -> list[int]:
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds must be an int or a non-empty list of ints, got {seeds!r}")
+    return seeds
+
+
+def named_section(value: Any, where: str, allowed: list[str] | None = None) -> dict:
+    """``name`` or ``{name: ..., options: {...}}`` -> ``{"name": ..., "options": {...}}``."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ConfigError(f"{where} must be a name or a mapping with a 'name' key, got {value!r}")
+    check_keys(value, {"name", "options", "label"}, where)
+    if allowed is not None and value["name"] not in allowed:
+        raise ConfigError(f"{where}.name: unknown {value['name']!r}; allowed: {allowed}")
+    options = value.get("options") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}.options must be a mapping, got {options!r}")
+    return {"name": value["name"], "options": options, "label": value.get("label", value["name"])}
+
+
+def method_list(value: Any, where: str, allowed: tuple[str, ...]) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of names or {{name, options}} mappings")
+    methods = [named_section(v, f"{where}[{i}]", allowed=sorted(allowed)) for i, v in enumerate(value)]
+    labels = [m["label"] for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{where}: repeated entries need distinct 'label's, got {labels}")
+    return methods
+
+
+def typed_section(section: Any, types: dict[str, type], where: str) -> dict:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a mapping, got {section!r}")
+    check_keys(section, set(types), where)
+    for key, value in section.items():
+        expected = types[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else \
+            isinstance(value, expected) and not isinstance(value, bool)
+        if not ok:
+            raise ConfigError(f"{where}.{key} must be {expected.__name__}, got {value!r}")
+    return dict(section)
+
+
+def check_options(target: Callable, options: dict, where: str) -> None:
+    params = inspect.signature(target).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    check_keys(options, set(params) - {"self"}, where)
+
+
+# ---- building the pieces ------------------------------------------------------------------------
+
+def _streams() -> dict[str, Callable]:
+    from .continual import permuted_digits, rotated_digits, split_digits
+
+    return {"split_digits": split_digits, "permuted_digits": permuted_digits, "rotated_digits": rotated_digits}
+
+
+STREAMS = ("split_digits", "permuted_digits", "rotated_digits")
+ALGORITHMS = {"afa-cd": "AFACD", "afa-cs": "AFACS", "fedavg": "FedAvg", "fedbuff": "FedBuff", "mifa": "MIFA"}
+PARTITIONS = {"iid": "IID", "dirichlet": "Dirichlet", "shards": "Shards", "classes": "ClassesPerWorker"}
+PARTICIPATIONS = {"bernoulli": "Bernoulli", "markov": "MarkovOnOff", "periodic": "Periodic"}
+LOCAL_STEPS = {"fixed": "FixedSteps", "uniform": "UniformSteps", "budget": "TimeBudget"}
+
+
+def build(table: dict[str, str], section: dict, where: str) -> Any:
+    from . import federated as fl
+
+    cls = getattr(fl, table[section["name"]])
+    check_options(cls, section["options"], f"{where}.options")
+    return cls(**section["options"])
+
+
+def build_model(config: dict, seed: int):
+    from .models import digits_model
+
+    check_options(lambda hidden=0, channels=0, classes=0: None, config["model"]["options"], "model.options")
+    return digits_model(config["model"]["name"], seed, **config["model"]["options"])
+
+
+def digits_datasets(seed: int = 0, test_size: float = 0.3):
+    """The shipped digits as (train, test) TensorDatasets, split with ``seed``."""
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from torch.utils.data import TensorDataset
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(range(len(y)), test_size=test_size, random_state=seed, stratify=digits.target)
+    return TensorDataset(x[idx_train], y[idx_train]), TensorDataset(x[idx_test], y[idx_test])
+
+
+# ---- running cells ------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    label: str
+    seed: int
+    spec: dict
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}__seed{self.seed}"
+
+
+def cells_of(config: dict) -> list[Cell]:
+    methods = config["methods"] if config["kind"] == "continual" else config["algorithms"]
+    return [Cell(m["label"], seed, m) for m in methods for seed in config["seeds"]]
+
+
+def run_continual_cell(config: dict, cell: Cell, workdir: Path | None, progress: bool = False) -> dict:
+    from .continual import run_stream
+
+    stream = _streams()[config["stream"]["name"]](**config["stream"]["options"])
+    model = build_model(config, cell.seed)
+    adapter = config["adapter"]
+    result = run_stream(
+        model, stream, method=cell.spec["name"], method_options=cell.spec["options"],
+        adapter=adapter["name"] if adapter else None, adapter_options=adapter["options"] if adapter else None,
+        seed=cell.seed, checkpoint_dir=None if workdir is None else str(workdir), resume=workdir is not None,
+        progress=progress, **config["training"],
+    )
+    out = result.to_dict()
+    out["metrics"]["wall_time_s"] = result.wall_time_s
+    return out
+
+
+def run_federated_cell(config: dict, cell: Cell, workdir: Path | None, progress: bool = False) -> dict:
+    import lifelong
+    from . import federated as fl
+
+    train, test = digits_datasets(**config["data"]["options"])
+    model = build_model(config, cell.seed)
+    if config["adapter"]:
+        model = lifelong.wrap(model, config["adapter"]["name"], **config["adapter"]["options"])
+    fed = {"num_workers": 20, "steps": 50, **config["federation"]}
+    optional = {key: build(table, config[key], key) for key, table in
+                (("partition", PARTITIONS), ("participation", PARTICIPATIONS), ("local_steps", LOCAL_STEPS))
+                if config.get(key) is not None}
+    if config.get("speed") is not None:
+        optional["speed"] = fl.Speed(**config["speed"])
+    algorithm = build(ALGORITHMS, cell.spec, f"algorithm {cell.label}")
+    start = time.perf_counter()
+    result = fl.simulate(model, train, algorithm, test_data=test, seed=cell.seed, progress=progress,
+                         checkpoint=None if workdir is None else workdir / "checkpoint.pt", **fed, **optional)
+    out = result.to_dict()
+    accuracies = [h["accuracy"] for h in result.history if h.get("accuracy") is not None]
+    out["metrics"] = {
+        "final_accuracy": result.final_accuracy, "best_accuracy": max(accuracies) if accuracies else None,
+        "uplink_mb": result.history[-1]["uplink_bytes"] / 2**20 if result.history else 0.0,
+        "dropped_stale": result.dropped_stale, "participation_gini": result.participation_gini,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    return out
+
+
+RUNNERS = {"continual": run_continual_cell, "federated": run_federated_cell}
+
+
+def fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_output(output: Path, config: dict, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding another run unless asked to resume it (same config) or overwrite."""
+    marker = output / "run.json"
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output {str(output)!r} exists and is not a folder")
+    if marker.is_file():
+        previous = json.loads(marker.read_text())
+        if overwrite:
+            for name in ("cells", "results.json", "report.md", "run.json"):
+                target = output / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            for png in output.glob("*.png"):
+                png.unlink()
+        elif not resume:
+            raise ConfigError(f"output {str(output)!r} holds results of a run already; pass --resume to continue "
+                              "it or --overwrite to replace it")
+        elif previous["fingerprint"] != fingerprint(config):
+            raise ConfigError(f"--resume: output {str(output)!r} holds a run of another configuration; "
+                              "use another --output or --overwrite")
+    elif output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConfigError(f"output {str(output)!r} is not empty and holds no lifelong run; pick an empty folder")
+    (output / "cells").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(str(marker), json.dumps({"fingerprint": fingerprint(config), "config": config}, indent=2, default=str))
+
+
+def run_experiment(config: dict, output: str | Path, *, resume: bool = False, overwrite: bool = False,
+                   progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run every cell not finished yet, then write the report. ``stop_after`` (tests) stops the
+    run after that many newly computed cells, as an interruption would."""
+    from tqdm.auto import tqdm
+
+    output = Path(output)
+    prepare_output(output, config, resume, overwrite)
+    cells = cells_of(config)
+    computed = 0
+    bar = tqdm(cells, desc=config["name"], unit="cell", disable=not progress)
+    for cell in bar:
+        path = output / "cells" / f"{cell.key}.json"
+        if path.is_file():
+            continue
+        if stop_after is not None and computed >= stop_after:
+            raise KeyboardInterrupt(f"stopped after {computed} cells (stop_after)")
+        bar.set_postfix_str(cell.key)
+        workdir = output / "cells" / f"{cell.key}.work"
+        workdir.mkdir(exist_ok=True)
+        result = RUNNERS[config["kind"]](config, cell, workdir, progress=progress)
+        atomic_write_text(str(path), json.dumps({"label": cell.label, "seed": cell.seed, "result": result}, default=str))
+        shutil.rmtree(workdir, ignore_errors=True)
+        computed += 1
+    from .report import write_report
+
+    return write_report(output, config)
+
+
+def summarise(config: dict, cells: list[dict]) -> tuple[dict, dict]:
+    """Mean ± std per method and metric, and the best method per metric."""
+    metrics = CONTINUAL_METRICS if config["kind"] == "continual" else FEDERATED_METRICS
+    labels = [m["label"] for m in (config["methods"] if config["kind"] == "continual" else config["algorithms"])]
+    summary: dict[str, dict] = {}
+    for label in labels:
+        rows = [c["result"]["metrics"] for c in cells if c["label"] == label]
+        summary[label] = {}
+        for metric in metrics:
+            values = [r[metric] for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
+            summary[label][metric] = {
+                "mean": statistics.fmean(values) if values else None,
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
+                "n": len(values),
+            }
+    best = {}
+    for metric in metrics:
+        scored = [(s[metric]["mean"], label) for label, s in summary.items() if s[metric]["mean"] is not None]
+        if scored:
+            best[metric] = (max if HIGHER_IS_BETTER[metric] else min)(scored)[1]
+    return summary, best
+
+
+def versions() -> dict:
+    import torch
+
+    import lifelong
+
+    return {"lifelong": lifelong.__version__, "torch": torch.__version__, "python": platform.python_version()}
