@@ -55,10 +55,20 @@ def continual_plots(output: Path, config: dict, cells: list[dict]) -> list[str]:
         mean_matrix[label] = np.nanmean(np.stack(mats), axis=0)
     fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3), squeeze=False)
     for ax, label in zip(axes[0], labels):
-        ax.imshow(mean_matrix[label], vmin=0, vmax=1, cmap="viridis")
+        matrix = mean_matrix[label]
+        ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        ticks = range(matrix.shape[0])
+        ax.set_xticks(ticks, [str(t + 1) for t in ticks])
+        ax.set_yticks(ticks, [str(t + 1) for t in ticks])
+        if matrix.shape[0] <= 10:
+            for (i, j), value in np.ndenumerate(matrix):
+                if not np.isnan(value):
+                    ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if value < 0.6 else "black")
         ax.set_title(label)
         ax.set_xlabel("evaluated task j")
         ax.set_ylabel("after training task i")
+    fig.tight_layout()
     save_figure(fig, output / "accuracy_matrix.png")
     plt.close(fig)
     names.append("accuracy_matrix.png")
