@@ -33,7 +33,8 @@ PREFIX = "task_"
 class TaskRoutedModel(AdaptedModel):
     """An :class:`AdaptedModel` with one adapter per task and task-id routing in ``forward``.
 
-    ``method`` and ``options`` are the defaults for :meth:`add_task` (each call may override them).
+    ``method`` and ``options`` are the defaults for :meth:`add_task`; a call may override options,
+    and one naming another method starts from no default options.
     """
 
     def __init__(self, model: nn.Module, method: str | None = None, pad_value: float = float("-inf"), **options: Any):
@@ -59,11 +60,12 @@ class TaskRoutedModel(AdaptedModel):
 
     def add_task(self, task_id: Any, method: str | None = None, **options: Any) -> str:
         """Add an adapter for ``task_id`` (inactive unless it is the first); returns its name."""
+        defaults = self.default_options if method in (None, self.default_method) else {}
         method = method or self.default_method
         if method is None:
             raise ValueError("add_task needs an adapter method (here or in TaskRoutedModel(model, method, ...))")
         name = self.adapter_name(task_id)
-        self.add_adapter(name, method, **{**self.default_options, **options})
+        self.add_adapter(name, method, **{**defaults, **options})
         self.task_ids[name] = task_id
         return name
 
