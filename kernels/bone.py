@@ -42,6 +42,7 @@ def tiled_dx(backend: str, g: Tensor, weight: Tensor, v: Tensor, mask: Tensor | 
 
 class BoneLinearFn(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x2, weight, bias, block, r, mask, p, backend):  # type: ignore[override]
         d = block.to(x2.dtype)
         xt = shard_sum(apply_dropout(x2, mask, p), r)
@@ -53,6 +54,7 @@ class BoneLinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy):  # type: ignore[override]
         weight, d, ones, xt, mask = ctx.saved_tensors
         need_x, need_d = ctx.needs_input_grad[0], ctx.needs_input_grad[3]

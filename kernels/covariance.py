@@ -40,6 +40,7 @@ class CovState:
         self._buf: Tensor | None = None
         self._buf_mask: Tensor | None = None
         self._filled = 0
+        self.weighted = False  # a weighted call makes row_sum's mean inconsistent with C
 
     @property
     def buffered(self) -> int:
@@ -119,6 +120,7 @@ def cov_accumulate_(state: CovState, x: Tensor, *, row_mask: Tensor | None = Non
         state._append(x2, mask)
         return
     state.flush()  # weighted calls are applied at once, after the unweighted rows buffered so far
+    state.weighted = True
     _update(state, x2, mask, torch.as_tensor(weight))
 
 
@@ -137,6 +139,8 @@ def cov_finalize(state: CovState, *, normalize: str | None = "tokens", center: b
             raise ValueError("cov_finalize: center=True needs a CovState created with track_mean=True")
         if normalize == "calls":
             raise ValueError("cov_finalize: center=True needs normalize='tokens' or None")
+        if state.weighted:
+            raise ValueError("cov_finalize: center=True is undefined after weighted calls (the mean is unweighted)")
         if n == 0:
             raise ValueError("cov_finalize: no tokens were accumulated")
         mean = (state.row_sum / n).to(c.dtype)

@@ -26,6 +26,7 @@ from .lora import dy_products, lowrank_dx, lowrank_forward
 
 class LaMDALinearFn(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x2, weight, bias, lora_a, lora_s, lora_b, sv, mask, p, backend):  # type: ignore[override]
         dtype = x2.dtype
         a, s, b = lora_a.to(dtype), lora_s.to(dtype), lora_b.to(dtype)
@@ -39,6 +40,7 @@ class LaMDALinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy):  # type: ignore[override]
         weight, a, s, b, sv, u, xd, mask = ctx.saved_tensors
         need_x, _, _, need_a, need_s, need_b = ctx.needs_input_grad[:6]

@@ -68,6 +68,7 @@ def dy_products(backend: str, g: Tensor, b: Tensor | None, u: Tensor | None, sv:
 
 class LoRALinearFn(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x2, weight, bias, lora_a, lora_b, sv, mask, p, backend):  # type: ignore[override]
         dtype = x2.dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)
@@ -82,6 +83,7 @@ class LoRALinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy):  # type: ignore[override]
         weight, a, b, sv, xd, u, mask = ctx.saved_tensors
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]

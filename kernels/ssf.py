@@ -54,6 +54,7 @@ def _backward(backend: str, g: Tensor, z: Tensor | None, weight: Tensor, gamma: 
 
 class SSFLinearFn(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x2, weight, bias, gamma, beta, save, backend):  # type: ignore[override]
         need_gamma = ctx.needs_input_grad[3]
         y, z = _forward(backend, x2, weight, bias, gamma, beta, need_gamma and save == "z")
@@ -62,6 +63,7 @@ class SSFLinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy):  # type: ignore[override]
         weight, gamma, beta, z, y = ctx.saved_tensors
         need_x, _, _, need_gamma, need_beta = ctx.needs_input_grad[:5]

@@ -305,6 +305,11 @@ def gemm_lowrank(
     if q.shape[0] != kd:
         raise ValueError(f"gemm_lowrank: p {tuple(p.shape)} and q {tuple(q.shape)} do not chain")
     c = torch.empty((m, n), device=p.device, dtype=dtype) if out is None else out
+    # The kernel reads vectors with unit stride: make any strided view (b[::2], expanded) dense.
+    bias, kscale = (v.contiguous() if v is not None else None for v in (bias, kscale))
+    affine = tuple(v.contiguous() for v in affine) if affine is not None else None
+    if lr is not None:
+        lr = (lr[0], lr[1], lr[2].contiguous())
     z = torch.empty((m, n), device=p.device, dtype=dtype) if store_z else None
     if m == 0 or n == 0:
         return c, z
@@ -337,6 +342,7 @@ def dy_pass(
     deterministic mode is on; the deterministic form writes one partial per row tile and sums.
     """
     m, n = g.shape
+    scale = scale.contiguous()
     rank = scale.shape[0]
     rp = rank_pad(rank)
     need_du, need_db = b is not None, u is not None
@@ -399,7 +405,7 @@ def cov_tri(c: Tensor, x: Tensor, *, row_mask: Tensor | None = None, weight: Ten
     t, d = x.shape
     if t == 0 or d == 0:
         return c
-
+    row_mask = row_mask.contiguous() if row_mask is not None else None  # read with unit stride
     def grid(meta: dict) -> tuple[int]:
         nt = triton.cdiv(d, meta["BD"])
         return (nt * (nt + 1) // 2,)

@@ -287,6 +287,10 @@ def test_cov_state_errors_and_nonfinite() -> None:
         K.cov_finalize(st)
     with pytest.raises(ValueError, match="track_mean"):
         K.cov_finalize(K.CovState(4), center=True)
+    weighted = K.CovState(4, track_mean=True)
+    K.cov_accumulate_(weighted, torch.ones(2, 4), weight=3.0)
+    with pytest.raises(ValueError, match="weighted"):
+        K.cov_finalize(weighted, center=True)
 
 
 def test_cov_update_in_place() -> None:
@@ -348,3 +352,23 @@ def test_adapters_same_output_any_backend(method: str, kw: dict) -> None:
     for a, b in zip(*grads_):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     assert math.isfinite(float(outs[0].sum()))
+
+
+def test_lora_linear_matches_peft_lora_layer() -> None:
+    """Same numbers as PEFT's LoRA Linear (B random: PEFT's zero init would hide the branch)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    holder = nn.Sequential()
+    holder.add_module("proj", nn.Linear(10, 7))
+    model = get_peft_model(holder, LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], lora_dropout=0.0))
+    layer = model.base_model.model.proj
+    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        lora_b.normal_()
+    x = torch.randn(3, 5, 10)
+    want = layer(x)
+    base = layer.base_layer
+    for backend in ("torch", "composite"):
+        y = K.lora_linear(x, base.weight, base.bias, lora_a, lora_b, layer.scaling["default"], backend=backend)
+        assert torch.allclose(y, want, rtol=1e-5, atol=1e-6)
