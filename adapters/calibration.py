@@ -203,7 +203,9 @@ class _Collector:
             keep = None
         seqs = seqs.to(self.dtype)
         if self.normalize == "max":
-            seqs = seqs * sequence_scale(seqs, keep).unsqueeze(-1).unsqueeze(-1)
+            # divide (not multiply by the reciprocal): bit-identical to PEFT's hook, whose results
+            # the ill-conditioned CorDA inverse amplifies ~1e5-fold
+            seqs = seqs / sequence_scale(seqs, keep).unsqueeze(-1).unsqueeze(-1)
         rows = seqs[keep] if keep is not None else seqs.reshape(-1, d)
         n_seq = int(keep.any(dim=1).sum()) if keep is not None else 1
         product = cov_update_(torch.zeros(d, d, dtype=self.dtype, device=x.device), rows)
@@ -220,7 +222,7 @@ class _Collector:
 
 
 def sequence_scale(seqs: Tensor, keep: Tensor | None) -> Tensor:
-    """``1/|max(X_j)|`` per sequence (signed max over valid rows), guarded against zeros."""
+    """``|max(X_j)|`` per sequence (signed max over valid rows), guarded against zeros."""
     if keep is not None:
         valid = keep.unsqueeze(-1)
         signed = seqs.masked_fill(~valid, float("-inf")).amax(dim=(1, 2))
@@ -230,8 +232,7 @@ def sequence_scale(seqs: Tensor, keep: Tensor | None) -> Tensor:
         absmax = seqs.abs().amax(dim=(1, 2))
     scale = signed.abs()
     scale = torch.where(scale > 0, scale, absmax)  # all entries <= 0: fall back to max|X|
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero sequence adds nothing
-    return 1.0 / scale
+    return torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero sequence adds nothing
 
 
 def split_batch(batch: Any) -> tuple[tuple, dict, Tensor | None]:
