@@ -60,7 +60,8 @@ def benchmark_from_tensors(train: list[tuple[torch.Tensor, torch.Tensor]],
     ``scenario`` (optional) is recorded on the benchmark as ``lifelong_scenario``.
     """
     from avalanche.benchmarks.scenarios import benchmark_from_datasets, with_task_labels
-    from avalanche.benchmarks.utils import ConstantSequence, DataAttribute, make_avalanche_dataset
+    from avalanche.benchmarks.utils import ConstantSequence, DataAttribute
+    from avalanche.benchmarks.utils.classification_dataset import TaskAwareSupervisedClassificationDataset
     from torch.utils.data import TensorDataset
 
     if len(train) == 0:
@@ -72,10 +73,13 @@ def benchmark_from_tensors(train: list[tuple[torch.Tensor, torch.Tensor]],
 
     def as_av(x: torch.Tensor, y: torch.Tensor, t: int):
         # Python ints for targets: tensors break classes_in_this_experience (avalanche#655).
-        attrs = [DataAttribute(y.tolist(), "targets")]
-        if task_labels:
-            attrs.append(DataAttribute(ConstantSequence(t, len(y)), "targets_task_labels", use_in_getitem=True))
-        return make_avalanche_dataset(TensorDataset(x, y), data_attributes=attrs)
+        # Without task labels every sample still carries task 0 (not returned by __getitem__): some
+        # Avalanche plugins (LwF) read targets_task_labels unconditionally.
+        attrs = [DataAttribute(y.tolist(), "targets"),
+                 DataAttribute(ConstantSequence(t if task_labels else 0, len(y)), "targets_task_labels",
+                               use_in_getitem=task_labels)]
+        # The task-aware classification type carries task_set, which LwF-style plugins need.
+        return TaskAwareSupervisedClassificationDataset([TensorDataset(x, y)], data_attributes=attrs)
 
     bm = benchmark_from_datasets(train=[as_av(x, y, t) for t, (x, y) in enumerate(train)],
                                  test=[as_av(x, y, t) for t, (x, y) in enumerate(test)])
