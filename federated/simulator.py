@@ -106,8 +106,9 @@ class _Federation:
                                         crash_after=crash_at if fault == "crash" else None)
             self.counters["local_steps"] += steps
         except WorkerCrash:
-            delta = None
+            delta = None   # counted now; the server only notices that nothing arrives
             self.counters["local_steps"] += crash_at
+            self.counters["crashed"] += 1
         if delta is not None and fault in ("nan", "inf", "shape"):
             delta = Faults.corrupt(delta, fault)
         up = nbytes(delta) if delta is not None else 0
@@ -117,7 +118,6 @@ class _Federation:
     def deliver(self, job: _Job) -> bool:
         """Hand an arrived job to the server; True when the server stepped."""
         if job.delta is None:
-            self.counters["crashed"] += 1
             self._log(job, "crashed", None)
             return False
         self.counters["uplink_bytes"] += nbytes(job.delta)

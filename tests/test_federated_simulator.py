@@ -125,38 +125,41 @@ def test_only_trainable_parameters_travel_and_change(digits):  # invariant 11
     fl.MIFA(local_lr=0.2, min_fraction=0.0),
 ], ids=lambda a: a.name)
 def test_faulty_workers_are_rejected_and_the_federation_continues(digits, algorithm):
-    res = run(digits, algorithm, num_workers=20, faults=fl.Faults(fraction=0.3), steps=25,
+    steps = 6 if algorithm.synchronous else 12
+    res = run(digits, algorithm, num_workers=10, faults=fl.Faults(fraction=0.4), steps=steps,
               record_arrivals=True)
-    assert res.steps == 25 and not res.stopped_early
+    assert res.steps == steps and not res.stopped_early
     assert all(torch.isfinite(t).all() for t in res.final_params.values())
     assert res.crashed > 0
     assert res.rejected.get("nonfinite", 0) > 0 and res.rejected.get("shape", 0) > 0
     # no upload from a faulty worker was ever accepted (prob = 1: every job of theirs is faulty)
-    f = fl.Faults(fraction=0.3)
-    f.bind(20, 0)
+    f = fl.Faults(fraction=0.4)
+    f.bind(10, 0)
+    assert sorted(f.kind_of.values()) == ["crash", "inf", "nan", "shape"]
     assert all(a["worker"] not in f.kind_of for a in res.arrivals if a["status"] == "accepted")
-    assert res.history[-1]["accuracy"] > 0.3
+    assert res.history[-1]["accuracy"] > res.history[0]["accuracy"] + 0.05   # it still learns
 
 
 def test_checkpoint_resume_is_bit_identical(digits, tmp_path):
     ckpt = tmp_path / "fed.pt"
     algo = lambda: fl.AFACD(local_lr=0.2, server_lr=2.0, buffer_size=3, max_staleness=4)  # noqa: E731
-    full = run(digits, algo(), steps=16)
-    first = run(digits, algo(), steps=8, checkpoint=ckpt, checkpoint_every=4)
-    assert first.steps == 8 and ckpt.exists()
-    resumed = run(digits, algo(), steps=16, checkpoint=ckpt, checkpoint_every=4)
+    full = run(digits, algo(), steps=8)
+    first = run(digits, algo(), steps=4, checkpoint=ckpt, checkpoint_every=2)
+    assert first.steps == 4 and ckpt.exists()
+    resumed = run(digits, algo(), steps=8, checkpoint=ckpt, checkpoint_every=2)
     for name in full.final_params:
         assert torch.equal(full.final_params[name], resumed.final_params[name])
     assert full.history == resumed.history
     assert full.staleness_histogram == resumed.staleness_histogram
     with pytest.raises(ValueError, match="another configuration.*algorithm"):
-        run(digits, fl.AFACD(local_lr=0.3, server_lr=2.0, buffer_size=3), steps=16, checkpoint=ckpt)
+        run(digits, fl.AFACD(local_lr=0.3, server_lr=2.0, buffer_size=3), steps=8, checkpoint=ckpt)
 
 
 def test_warm_start_and_round_based_engines_run(digits):
-    cs = run(digits, fl.AFACS(local_lr=0.2, server_lr=2.0, cs_init="warm_start"))
-    assert cs.steps == 12 and sum(cs.jobs_started) >= 12
-    fa = run(digits, fl.FedAvg(local_lr=0.2, server_lr=1.0, cohort_size=4), record_arrivals=True)
+    cs = run(digits, fl.AFACS(local_lr=0.2, server_lr=2.0, cs_init="warm_start"), steps=4)
+    assert cs.steps == 4 and sum(cs.jobs_started) >= 12 + 4   # one warm-start job per worker
+    fa = run(digits, fl.FedAvg(local_lr=0.2, server_lr=1.0, cohort_size=4), record_arrivals=True,
+             steps=4)
     assert set(fa.staleness_histogram) == {0}
     per_round = {}
     for a in fa.arrivals:
@@ -165,12 +168,12 @@ def test_warm_start_and_round_based_engines_run(digits):
 
 
 def test_result_json_and_plot(digits, tmp_path):
-    res = run(digits, fl.AFACD(local_lr=0.2, server_lr=2.0, buffer_size=3))
+    res = run(digits, fl.AFACD(local_lr=0.2, server_lr=2.0, buffer_size=3), steps=6, eval_every=2)
     path = res.save(tmp_path / "out")
     assert (tmp_path / "out" / "result.png").stat().st_size > 1000
     raw = json.loads(path.read_text())
-    assert raw["steps"] == 12 and len(raw["participation"]) == 12
-    assert [h["step"] for h in raw["history"]] == [0, 4, 8, 12]
+    assert raw["steps"] == 6 and len(raw["participation"]) == 12
+    assert [h["step"] for h in raw["history"]] == [0, 2, 4, 6]
     for key in ("accuracy", "loss", "time", "uplink_bytes", "downlink_bytes", "local_steps"):
         assert key in raw["history"][-1]
     back = fl.SimulationResult.load(path)
