@@ -142,6 +142,7 @@ class KCLStrategy(SupervisedTemplate):
         return self.experience.current_experience
 
     def train_dataset_adaptation(self, **kwargs):
+        self.kcl.check_task_labels(self.experience)
         self.kcl.begin_task(self.task_index, experience_classes(self.experience))
         self.adapted_dataset = self.kcl.prepare_task(self.task_index, self.experience.dataset.train(), self.model)
 

@@ -22,8 +22,8 @@ Choices of ours (the reference differs, see the spec): features are L2-normalise
 through the backbone concatenated with the query batch (one forward, so batch-norm sees one
 batch); evaluation uses task s's scalars (``reference_indexing=True``
 reproduces the reference's use of the current task's); VRF evaluation uses the mean basis
-Ω = μ (deterministic). The task id at test time is required: the runner passes the experience
-index (task-incremental protocol; for domain-incremental streams this is an oracle task id).
+Ω = μ (deterministic). The task id at test time is required: streams without task labels are refused
+unless ``oracle_task=True``; the runner passes the experience index as the task id.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ class KCL(nn.Module):
     def __init__(self, kernel: str = "linear", samples_per_class: int = 20, lambda_init: float = 0.1,
                  gamma_init: float = 1.0, beta_init: float = 0.0, feature_norm: str = "l2",
                  lengthscale: float = 1.0, rff_dim: int = 1024, tau_kl: float = 1e-4, momentum: float = 0.8,
-                 lr_decay: float = 0.5, min_lr: float = 5e-5, reference_indexing: bool = False):
+                 lr_decay: float = 0.5, min_lr: float = 5e-5, reference_indexing: bool = False,
+                 oracle_task: bool = False):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}")
@@ -126,6 +127,7 @@ class KCL(nn.Module):
         self.inits = (lambda_init, gamma_init, beta_init)
         self.rff_dim, self.tau_kl, self.momentum = rff_dim, tau_kl, momentum
         self.lr_decay, self.min_lr, self.reference_indexing = lr_decay, min_lr, reference_indexing
+        self.oracle_task = oracle_task
         self.scalars = nn.ParameterList()
         self.task_classes: list[list[int]] = []
         self.coreset_x: list[torch.Tensor] = []
@@ -136,15 +138,27 @@ class KCL(nn.Module):
         return {"kernel": self.kernel, "samples_per_class": self.m, "inits": list(self.inits),
                 "feature_norm": self.feature_norm, "lengthscale": self.lengthscale, "rff_dim": self.rff_dim,
                 "tau_kl": self.tau_kl, "momentum": self.momentum, "lr_decay": self.lr_decay,
-                "min_lr": self.min_lr, "reference_indexing": self.reference_indexing}
+                "min_lr": self.min_lr, "reference_indexing": self.reference_indexing,
+                "oracle_task": self.oracle_task}
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, backbone: nn.Module, train_exps: list, masks, device, seed: int) -> None:
         """Runner entry point: size the heads from the stream (classes, feature dimension)."""
         from .streams import experience_classes
 
+        for e in train_exps:
+            self.check_task_labels(e)
         num_classes = max(max(experience_classes(e)) for e in train_exps) + 1
         self.build(backbone, num_classes, train_exps[0].dataset[0][0], device, seed)
+
+    def check_task_labels(self, experience) -> None:
+        """KCL needs the task id at test time: refuse unlabelled streams unless ``oracle_task``."""
+        from .streams import has_task_labels
+
+        if not self.oracle_task and not has_task_labels(experience):
+            raise ValueError(f"{type(self).__name__} needs the task id at test time but the stream has no task labels; "
+                             "use a task-labelled stream (split_digits(task_incremental=True), "
+                             "permuted_digits(task_labels=True)) or oracle_task=True (experience index as task id)")
 
     def build(self, backbone: nn.Module, num_classes: int, example_x: torch.Tensor, device, seed: int) -> None:
         """Create the method's modules for ``num_classes`` classes and the backbone's feature size."""
