@@ -68,8 +68,10 @@ COV_CONFIGS = _configs(
 @triton.jit
 def _mma(a, b, acc, PRECISION: tl.constexpr):
     if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -86,7 +88,24 @@ def _tile_ids(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constex
     return pid_m, pid_n
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "KD", "RP"])
+SMEM_BUDGET = 200 * 1024  # bytes; H100/H200 allow 227 KB per block
+
+
+def _prune_gemm(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tilings whose fp32 rank-seed tiles plus pipelined K tiles overflow shared memory
+    (large R_PAD); keep the smallest one if none fits. Never reached by the interpreter (1 config)."""
+    rp = kwargs.get("RP", named_args.get("RP", 16))
+
+    def smem(c: triton.Config) -> int:
+        bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
+        return 4 * rp * (bm + bn) + 2 * c.num_stages * bk * (bm + bn)
+
+    fits = [c for c in configs if smem(c) <= SMEM_BUDGET]
+    return fits or [min(configs, key=smem)]
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "KD", "RP"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _gemm_lowrank_kernel(
     P, Q, L, R, RS, MASK, TADD, KS, BIAS, GAMMA, BETA, Z, C,
@@ -367,7 +386,9 @@ def dy_pass(
 
     _dy_pass_kernel[grid](
         g, b if need_du else dummy, u if need_db else dummy, scale,
-        du_part if need_du else scale, db_part if need_db else scale,
+        # Unused outputs get their own scratch: autotune's reset_to_zero=["DB"] zeroes whatever DB is.
+        du_part if need_du else torch.zeros(1, device=g.device),
+        db_part if need_db else torch.zeros(1, device=g.device),
         m, n, rank, min(next_pow2(m), 8192),
         *g.stride(), *_strides(b), *_strides(u),
         (du_part.stride(0) if need_du else 0), (du_part.stride(1) if need_du else 0),
