@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from . import atlas, bone, clr, corda, kore, lamda, ssf  # noqa: F401  (registration side effects)
+from . import atlas, bone, clr, corda, kore, lamda, ssf, welore  # noqa: F401  (registration side effects)
 from .base import AdaptedLayer, Adapter, SavedModule
 from .bone import BoneConfig
 from .config import AdapterConfig
