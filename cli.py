@@ -124,7 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`run c.yaml --output o a.b=1`): argparse leaves them over.
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if args.command != "run" and overrides or len(overrides) != len(extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "run":
+        args.overrides = [*args.overrides, *overrides]
     return COMMANDS[args.command](args)
 
 
