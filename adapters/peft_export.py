@@ -1,0 +1,122 @@
+"""Export LoRA-shaped adapters (CorDA, KORE, LaMDA) as a PEFT ``LoraConfig`` checkpoint.
+
+Each exported layer becomes a plain PEFT LoRA layer ``y = W_res x + b + s·B A x``:
+
+- CorDA / KORE: ``lora_A = A``, ``lora_B = B``, ``s`` = the adapter's scaling (1 for KORE);
+- LaMDA: ``lora_A = A``, ``lora_B = B·S`` (S folded into B; frozen PMB columns as frozen).
+
+Per-layer ranks and scalings go into ``rank_pattern`` / ``alpha_pattern`` (``alpha = s·r``,
+``use_rslora=False``), so PEFT's scaling equals ours whatever rsLoRA or rank choices were made.
+Methods that changed the base weight at init write the residual base beside the adapter, as
+PEFT's CorDA/PiSSA conversion does: ``residual_weights.safetensors`` holds ``W − (this adapter's
+residual)`` for each such layer; :func:`load_residual_base` puts them into a fresh copy of the
+base model, on which ``peft.PeftModel.from_pretrained(model, directory)`` reproduces our outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .model import AdaptedModel, atomic_write
+
+RESIDUAL_FILE = "residual_weights.safetensors"
+EXPORTABLE = ("corda", "kore", "lamda")
+
+
+def lora_factors(adapter: nn.Module) -> tuple[Tensor, Tensor, float]:
+    """``(A, B, s)`` of one adapter in PEFT's LoRA form."""
+    if adapter.method in ("corda", "kore"):
+        return adapter.lora_A.detach(), adapter.lora_B.detach(), float(adapter.scale)
+    if adapter.method == "lamda":
+        b = adapter.effective_B().detach().float() @ adapter.lora_S.detach().float()
+        return adapter.lora_A.detach(), b.to(adapter.lora_A.dtype), float(adapter.scale)
+    raise ValueError(f"PEFT export supports adapters {list(EXPORTABLE)}, not {adapter.method!r}")
+
+
+def original_base_weight(layer: nn.Module, adapter_name: str) -> Tensor:
+    """The base weight PEFT must see: the original W minus this adapter's residual only."""
+    weight = layer.base_layer.weight.detach().float().clone()
+    for name, adapter in layer.adapters.items():
+        if name != adapter_name and adapter.has_residual:
+            weight += adapter.residual_weight(torch.float32)
+    return weight.to(layer.base_layer.weight.dtype)
+
+
+def export_peft(model: AdaptedModel, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) and, when the
+    method changed base weights, ``residual_weights.safetensors``. Returns the folder."""
+    from peft import LoraConfig
+
+    adapter_name = adapter_name or model.active_adapter
+    if adapter_name not in model.configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(model.configs)}")
+    config = model.configs[adapter_name]
+    if config.method not in EXPORTABLE:
+        raise ValueError(f"PEFT export supports adapters {list(EXPORTABLE)}, not {config.method!r}")
+    if config.modules_to_save:
+        raise ValueError("PEFT export of modules_to_save is not supported; save those modules separately")
+    if any(layer.merged for layer in model.adapted_layers()):
+        raise RuntimeError("unmerge() before exporting to PEFT")
+    tensors: dict[str, Tensor] = {}
+    residuals: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for layer in model.adapted_layers():
+        if adapter_name not in layer.adapters:
+            continue
+        adapter = layer.adapters[adapter_name]
+        a, b, scale = lora_factors(adapter)
+        name = adapter.layer_name
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.cpu().contiguous().clone()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.cpu().contiguous().clone()
+        ranks[name], alphas[name] = a.shape[0], scale * a.shape[0]
+        if adapter.has_residual:
+            residuals[f"{name}.weight"] = original_base_weight(layer, adapter_name).cpu().contiguous()
+    r0 = max(ranks.values())
+    lora = LoraConfig(
+        r=r0, lora_alpha=alphas[next(n for n in ranks if ranks[n] == r0)], target_modules=sorted(ranks),
+        rank_pattern=ranks, alpha_pattern=alphas, lora_dropout=float(getattr(config, "dropout", 0.0)),
+        use_rslora=False, init_lora_weights=True, bias="none",
+    )
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "adapter_config.json",
+                 lambda p: p.write_text(json.dumps(lora.to_dict(), indent=2, sort_keys=True, default=list)))
+    atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    if residuals:
+        atomic_write(folder / RESIDUAL_FILE, lambda p: save_file(residuals, str(p), metadata={"method": config.method}))
+    return folder
+
+
+@torch.no_grad()
+def load_residual_base(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Write the exported residual weights into ``model`` (a fresh copy of the base) in place."""
+    path = Path(directory) / RESIDUAL_FILE
+    if not path.is_file():
+        return model  # the method left the base weights unchanged
+    state = load_file(str(path))
+    params = dict(model.named_parameters())
+    for key, value in state.items():
+        if key not in params:
+            raise ValueError(f"residual weight {key!r} has no parameter in this model: exported for another model?")
+        if params[key].shape != value.shape:
+            raise ValueError(f"residual weight {key!r} has shape {tuple(value.shape)}, model has {tuple(params[key].shape)}")
+        params[key].copy_(value.to(params[key].device, params[key].dtype))
+    return model
+
+
+def load_in_peft(model: nn.Module, directory: str | os.PathLike, **kwargs: Any) -> Any:
+    """``PeftModel.from_pretrained`` on ``model`` after applying the exported residual base."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_residual_base(model, directory), str(directory), **kwargs)
+
+
+__all__ = ["export_peft", "load_in_peft", "load_residual_base"]
