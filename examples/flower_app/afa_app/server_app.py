@@ -1,0 +1,54 @@
+"""ServerApp: AFA-CD / AFA-CS from lifelong.federated, round-based or event-driven."""
+import json
+from pathlib import Path
+
+from flwr.app import Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+import lifelong.federated as fl
+from lifelong.federated.flower import AFAStrategy, params_to_record, record_to_params, run_async
+
+from .task import model_fn, test_set
+
+app = ServerApp()
+
+
+def _server(cfg: dict) -> fl.Server:
+    common = dict(local_lr=float(cfg["local-lr"]), server_lr=float(cfg["server-lr"]),
+                  max_staleness=int(cfg["max-staleness"]))
+    if cfg["algorithm"] == "afa_cd":
+        return fl.AFACD(buffer_size=int(cfg["buffer-size"]), **common)
+    if cfg["algorithm"] == "afa_cs":
+        return fl.AFACS(**common)
+    raise ValueError(f"algorithm must be 'afa_cd' or 'afa_cs', got {cfg['algorithm']!r}")
+
+
+def _accuracy(params) -> float:
+    x, y = test_set()
+    return fl.LocalTrainer(model_fn(), x, y).evaluate(params, x, y)[0]
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    steps, server = int(cfg["num-server-steps"]), _server(cfg)
+    x0 = fl.trainable_params(model_fn())
+    num_workers = len(list(grid.get_node_ids()))
+    if cfg["mode"] == "round":
+        strategy = AFAStrategy(server, num_workers=num_workers,
+                               max_local_steps=int(cfg["max-local-steps"]), seed=int(cfg["seed"]))
+        result = strategy.start(
+            grid, params_to_record(x0), num_rounds=steps,
+            evaluate_fn=lambda rnd, arrays: MetricRecord(
+                {"accuracy": _accuracy(record_to_params(arrays))}))
+        summary = {"mode": "round", "steps": server.version,
+                   "accuracy": _accuracy(record_to_params(result.arrays))}
+    else:
+        server.init(x0, num_workers)
+        out = run_async(grid, server, num_steps=steps, concurrency=int(cfg["concurrency"]),
+                        max_local_steps=int(cfg["max-local-steps"]), poll_interval=0.05,
+                        evaluate_fn=lambda step, params: _accuracy(params),
+                        eval_every=int(cfg["eval-every"]), min_nodes=num_workers)
+        summary = {"mode": "async", **out, "accuracy": _accuracy(server.params)}
+    summary["algorithm"] = cfg["algorithm"]
+    print("AFA-RESULT " + json.dumps(summary, default=str))
