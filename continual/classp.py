@@ -81,23 +81,31 @@ class CLASSP(torch.optim.Optimizer):
         if "grad_sum" not in state:
             state["grad_sum"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         s = state["grad_sum"]
-        g = p.grad.float()  # math in float32 even for bf16/fp16 parameters
+        g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()  # math in float32 for bf16/fp16
         if o["reference_compat"]:
             if not bool((g * g).any()) > o["threshold"]:
                 return
-            mask = torch.ones_like(g)
-            increment = g.abs()
-        else:
+            mask, increment = None, g.abs()
+        elif o["threshold"] > 0:
             mask = (g * g > o["threshold"]).to(g.dtype)
             increment = mask * g.abs().pow(o["power"])
-        if o["apply_scaling"]:
-            before = s.clone() if not o["include_current"] else None
-            s.add_(increment)
-            denom = (before if before is not None else s).add(o["eps"]).pow(1.0 / o["power"])
-            update = mask * g / denom
         else:
+            # τ = 0: an element with g = 0 adds nothing and moves by 0, so no mask is needed
+            mask, increment = None, g.abs().pow(o["power"]) if o["power"] != 1.0 else g.abs()
+        masked_g = g if mask is None else mask * g
+        if not o["apply_scaling"]:
             s.add_(increment)
-            update = mask * g
+            p.add_(masked_g.to(p.dtype), alpha=-o["lr"])
+            return
+        if o["include_current"]:
+            s.add_(increment)
+            denom = s.add(o["eps"])
+        else:
+            denom = s.add(o["eps"])
+            s.add_(increment)
+        if o["power"] != 1.0:
+            denom.pow_(1.0 / o["power"])
+        update = masked_g / denom
         p.add_(update.to(p.dtype), alpha=-o["lr"])
 
     def average_grad_sum(self) -> float:

@@ -286,3 +286,46 @@ def test_tied_embedding_is_skipped_and_bad_inputs():
         MIGU(target_modules=["nothing"]).attach(_mlp())
     with pytest.raises(TypeError, match="nn.Linear"):
         MIGU(target_modules=["1"]).attach(_mlp())
+
+
+def test_hf_trainer_callback_masks_one_step():
+    import warnings
+
+    from transformers import Trainer, TrainingArguments
+
+    from lifelong.continual import MIGUCallback
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3))
+
+        def forward(self, x, labels=None):
+            logits = self.net(x)
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.x, self.y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "labels": self.y[i]}
+
+    torch.manual_seed(0)
+    model = Net()
+    before = model.net[0].weight.detach().clone()
+    callback = MIGUCallback(mask_ratio=0.75, start_task=0)
+    args = TrainingArguments(output_dir="/tmp/lifelong_hf_migu", per_device_train_batch_size=32, num_train_epochs=1,
+                             learning_rate=0.1, optim="sgd", max_grad_norm=0.0, report_to=[], use_cpu=True,
+                             save_strategy="no", logging_strategy="no", lr_scheduler_type="constant",
+                             disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback]).train()
+    changed = (model.net[0].weight.detach() != before).any(1)
+    assert int(changed.sum()) == 12 - int(0.75 * 12)  # one optimizer step: exactly the kept rows moved
+    assert not callback.migu.attached
