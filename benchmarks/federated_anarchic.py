@@ -1,7 +1,7 @@
 """Anarchic FL benchmark: FedAvg, FedBuff, MIFA, AFA-CD, AFA-CS on scikit-learn digits.
 
 Part 1 (accuracy): softmax regression and a small MLP, 100 workers, Dirichlet α ∈ {0.1, 1.0},
-skewed label-correlated participation (p_i = β·minlabel_i/9 + 1 − β, β = 0.9), worker-chosen
+(per-worker label mix, Hsu et al. 2019), skewed label-correlated participation (p_i = β·minlabel_i/9 + 1 − β, β = 0.9), worker-chosen
 local steps K ~ U{1..10}, log-normal speeds (σ = 0.5, staleness emerges), 3 seeds. Every
 algorithm consumes about 10 uploads per server step (FedAvg cohort 10, FedBuff K_b = 10,
 AFA-CD m = 10, AFA-CS min_new = 10; MIFA uses every available worker per round).
@@ -69,12 +69,12 @@ def accuracy_part(args, train, test) -> list[dict]:
             for name in ALGORITHMS:
                 finals, curves = [], []
                 for seed in range(args.seeds):
-                    parts = fl.Dirichlet(alpha).split(labels, 100, seed)
+                    parts = fl.Dirichlet(alpha, over="workers").split(labels, 100, seed)
                     p = fl.label_correlated(labels, parts, beta=0.9)
                     res = fl.simulate(
                         make_model(model_kind), train, make_algorithm(name, 0.1),
                         num_workers=100, steps=args.steps, test_data=test,
-                        partition=fl.Dirichlet(alpha), participation=fl.Bernoulli(p),
+                        partition=fl.Dirichlet(alpha, over="workers"), participation=fl.Bernoulli(p),
                         local_steps=fl.UniformSteps(1, 10), speed=fl.Speed(sigma=0.5),
                         max_concurrent=20, eval_every=max(1, args.steps // 10), seed=seed,
                         progress=False)

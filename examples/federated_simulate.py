@@ -46,7 +46,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    model = fl.federate_adapter(mlp, "bone", r=8, target_modules=["0"])
+    model = fl.federate_adapter(mlp, "bone", r=8, target_modules=["0", "2"])
     print(f"adapter upload: {fl.adapter_bytes(model)} bytes "
           f"(full model: {sum(p.numel() * 4 for p in mlp.parameters())} bytes)")
     result = fl.simulate(model, train, fl.AFACS(local_lr=0.1, server_lr=5.0, min_new=10),

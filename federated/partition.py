@@ -7,7 +7,12 @@ in numpy, for any in-memory dataset:
 * `Dirichlet(α)` — label skew (NIID-Bench): for every class c draw
   ``q_c ~ Dir(α·1_M)`` and split the class-c indices in proportions ``q_c``;
   redraw until every worker holds at least ``min_size`` samples. Smaller α means
-  more skew.
+  more skew. As in NIID-Bench's code, a worker that already holds more than N/M
+  samples gets no share of the next classes (``balance=True``; flwr-datasets calls
+  this ``self_balancing``). With many workers and small α this per-class split
+  leaves workers empty; ``over="workers"`` then draws each worker's label mix
+  ``p_i ~ Dir(α·1_C)`` instead and fills equal-sized workers from the class pools
+  (Hsu, Qi & Brown 2019, "Measuring the effects of non-identical data distribution").
 * `Shards(shards_per_worker)` — McMahan et al. 2017: sort by label, cut into
   ``M·shards_per_worker`` equal shards, deal them out at random.
 * `ClassesPerWorker(k)` — every worker holds samples of exactly k classes (the
@@ -51,9 +56,13 @@ class IID(Partitioner):
 class Dirichlet(Partitioner):
     alpha: float
     min_size: int = 2
+    balance: bool = True
+    over: str = "classes"
     max_tries: int = 1000
 
     def __post_init__(self) -> None:
+        if self.over not in ("classes", "workers"):
+            raise ValueError(f"over must be 'classes' or 'workers', got {self.over!r}")
         if not (np.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"Dirichlet alpha must be a finite number > 0, got {self.alpha!r}")
         if self.min_size < 1:
@@ -66,11 +75,17 @@ class Dirichlet(Partitioner):
                              f"{len(labels)} samples")
         rng = np.random.default_rng(seed)
         classes = np.unique(labels)
+        if self.over == "workers":
+            return self._per_worker(labels, classes, num_workers, rng)
         for _ in range(self.max_tries):
             parts: list[list[np.ndarray]] = [[] for _ in range(num_workers)]
             for c in classes:
                 idx = rng.permutation(np.flatnonzero(labels == c))
                 q = rng.dirichlet(np.full(num_workers, self.alpha))
+                if self.balance:
+                    sizes = np.array([sum(len(c) for c in p) for p in parts])
+                    capped = q * (sizes < len(labels) / num_workers)
+                    q = capped / capped.sum() if capped.sum() > 0 else q
                 cuts = (np.cumsum(q)[:-1] * len(idx)).astype(int)
                 for w, chunk in enumerate(np.split(idx, cuts)):
                     parts[w].append(chunk)
@@ -80,6 +95,24 @@ class Dirichlet(Partitioner):
         raise ValueError(f"Dirichlet(alpha={self.alpha}) found no split giving every one of "
                          f"{num_workers} workers >= {self.min_size} samples in {self.max_tries} "
                          "tries; lower min_size, raise alpha or use fewer workers")
+
+
+    def _per_worker(self, labels: np.ndarray, classes: np.ndarray, num_workers: int,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+        pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]
+        sizes = [len(p) for p in np.array_split(np.arange(len(labels)), num_workers)]
+        out = []
+        for size in sizes:
+            mix = rng.dirichlet(np.full(len(classes), self.alpha))
+            taken: list[int] = []
+            while len(taken) < size:
+                left = np.array([len(p) > 0 for p in pools], dtype=float)
+                weights = mix * left
+                weights = weights / weights.sum() if weights.sum() > 0 else left / left.sum()
+                c = int(rng.choice(len(classes), p=weights))
+                taken.append(pools[c].pop())
+            out.append(np.sort(np.array(taken)))
+        return out
 
 
 @dataclass(frozen=True)

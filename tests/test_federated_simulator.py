@@ -185,7 +185,8 @@ def test_result_json_and_plot(digits, tmp_path):
 
 def test_partitions_are_disjoint_deterministic_and_skewed():
     labels = np.repeat(np.arange(10), 30)
-    for part in (fl.IID(), fl.Dirichlet(0.1), fl.Shards(2), fl.ClassesPerWorker(2)):
+    for part in (fl.IID(), fl.Dirichlet(0.1), fl.Dirichlet(0.1, over="workers"), fl.Shards(2),
+                 fl.ClassesPerWorker(2)):
         a, b = part.split(labels, 10, 3), part.split(labels, 10, 3)
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
         flat = np.concatenate(a)
@@ -196,6 +197,11 @@ def test_partitions_are_disjoint_deterministic_and_skewed():
     skew = [len(np.unique(labels[p])) for p in fl.Dirichlet(0.05).split(labels, 10, 0)]
     even = [len(np.unique(labels[p])) for p in fl.Dirichlet(100.0).split(labels, 10, 0)]
     assert np.mean(skew) < np.mean(even)
+    per_worker = fl.Dirichlet(0.1, over="workers").split(labels, 20, 0)
+    assert sorted(np.concatenate(per_worker).tolist()) == list(range(300))
+    assert {len(p) for p in per_worker} == {15}
+    mixed = [len(np.unique(labels[p])) for p in fl.Dirichlet(100.0, over="workers").split(labels, 20, 0)]
+    assert np.mean([len(np.unique(labels[p])) for p in per_worker]) < np.mean(mixed)
 
 
 def test_participation_models():
