@@ -207,7 +207,9 @@ class MIGU:
         self.unmasked = []
         self.targets = self._collect(model)
         if not self.targets:
-            raise ValueError(f"MIGU: no trainable linear layer matches target_modules={self.target_modules!r}")
+            extra = (f"; these adapter tensors cannot be attributed to output units: {self.unmasked}"
+                     if self.unmasked else "")
+            raise ValueError(f"MIGU: no trainable linear layer matches target_modules={self.target_modules!r}{extra}")
         sources: dict[int, tuple[nn.Module, list[_Target]]] = {}
         for t in self.targets:
             sources.setdefault(id(t.source), (t.source, []))[1].append(t)
