@@ -546,6 +546,25 @@ def coefficients(model: nn.Module, adapter_name: str | None = None) -> Coefficie
     return CoefficientTable(list(model.configs[name].task_vector_names), blocks, torch.stack(columns, dim=1))
 
 
+@torch.no_grad()
+def blockwise_gradient_selection(model: nn.Module, budget: int, adapter_name: str | None = None) -> dict[str, list[str]]:
+    """Budgeted selection (paper §4, memory trick 2): after ``loss.backward()``, per block the
+    ``budget`` task vectors with the largest ``|∂L/∂λ_i^(j)|`` (partition coefficients summed over K)."""
+    positive_int("budget", budget)
+    name, adapters = _atlas_adapters(model, adapter_name)
+    names = model.configs[name].task_vector_names
+    chosen = {}
+    for adapter in adapters:
+        for attr in adapter.block_attrs:
+            grad = adapter.coefficient(attr).grad
+            if grad is None:
+                raise ValueError("no gradient on the aTLAS coefficients: run loss.backward() on the adapted model first")
+            score = grad.abs().reshape(len(names), -1).sum(-1)
+            top = torch.topk(score, min(budget, len(names))).indices.tolist()
+            chosen[f"{adapter.layer_name}.{attr}"] = [names[i] for i in top]
+    return chosen
+
+
 # ---- objectives (paper §4) ----------------------------------------------------------------
 def addition_loss(outputs: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
     """Task addition: the summed cross-entropy over the tasks' (logits, labels) batches."""

@@ -296,3 +296,39 @@ def test_coefficient_table_and_objectives(setup):
                                F.cross_entropy(logits, labels) + F.cross_entropy(other, other_labels))
     torch.testing.assert_close(atlas.negation_loss(logits, labels, other, other_labels),
                                F.cross_entropy(other, other_labels) - F.cross_entropy(logits, labels))
+
+
+def test_blockwise_gradient_selection_picks_largest_gradients(setup):
+    base, tvs = setup
+    model = ll.wrap(copy.deepcopy(base), "atlas", task_vectors={"a": tvs[0], "b": tvs[1], "c": tvs[2]})
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    F.cross_entropy(model(x), y).backward()
+    chosen = atlas.blockwise_gradient_selection(model, budget=2)
+    for layer in model.adapted_layers():
+        adapter = layer.adapters["default"]
+        for attr in adapter.block_attrs:
+            g = adapter.coefficient(attr).grad.abs().tolist()
+            ranked = sorted(range(3), key=lambda i: -g[i])[:2]
+            assert chosen[f"{adapter.layer_name}.{attr}"] == [["a", "b", "c"][i] for i in ranked]
+
+
+def test_atlas_beside_another_adapter_on_the_same_layer(setup):
+    base, tvs = setup
+    model = ll.wrap(copy.deepcopy(base), "bone", r=2, target_modules=["0"])
+    model.add_adapter("tv", "atlas", task_vectors=tvs, tv_dtype="float32", target_modules=["0"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters." in name:
+                p.normal_(0, 0.2)
+    x, layer = torch.randn(5, 4), model.base_model[0]
+    with torch.no_grad():
+        model.set_adapter("default")
+        bone_only = layer(x)
+        model.set_adapter("tv")
+        atlas_only = layer(x)
+        model.set_adapter(["default", "tv"])
+        both = layer(x)
+        plain = base[0](x)
+    # both are additive on a Linear: composed output = base + bone's term + atlas's term
+    torch.testing.assert_close(both, bone_only + atlas_only - plain, rtol=0, atol=1e-5)
+    assert not torch.allclose(both, bone_only, atol=1e-3) and not torch.allclose(both, atlas_only, atol=1e-3)
