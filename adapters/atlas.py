@@ -35,6 +35,12 @@ with λ, in ``tv_dtype``, so that ``ll.load`` still rebuilds from the folder alo
 so (likewise when a referenced file is gone). Partition masks are never saved: they are
 regenerated from ``partition_seed``.
 
+Helpers: :func:`task_vector` (from fine-tuned/pretrained models, state dicts or safetensors
+files), :func:`task_vector_from_adapter` (a lifelong adapter's merged update),
+:func:`save_task_vector` / :func:`load_task_vector`, :func:`coefficients` (λ table),
+:func:`addition_loss` / :func:`negation_loss` (paper §4 objectives), and
+:func:`blockwise_gradient_selection` (per block, the b task vectors with the largest |∂L/∂λ|).
+
 Partitions (×K) follow the spec's advice rather than the reference's one-hot fp16 masks: each
 block stores an int16 partition id per element and gathers λ. Reference quirks: masks are shared
 by blocks of equal shape (``share_masks_by_shape=True``, kept as the default); the reference only
