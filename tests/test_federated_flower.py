@@ -105,3 +105,26 @@ def test_event_driven_loop_produces_staleness_from_slow_nodes():
     assert max(out["staleness"]) <= 1 and out["dropped_stale"] >= 0
     assert [h["step"] for h in out["history"]] == [4, 8, 12]
     assert accuracy[-1] > 0.3
+
+
+@pytest.mark.slow
+def test_event_driven_loop_on_flowers_ray_simulation_engine():
+    pytest.importorskip("ray")
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    out = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server = fl.AFACD(local_lr=0.1, server_lr=2.0, buffer_size=2)
+        server.init(fl.trainable_params(model_fn()), 3)
+        out.update(flower.run_async(grid, server, num_steps=4, concurrency=2, poll_interval=0.05,
+                                    min_nodes=3, timeout=300))
+
+    worker = flower.FlowerWorker(model_fn, data_fn)
+    run_simulation(server_app=server_app, client_app=flower.make_client_app(worker), num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    assert out["steps"] == 4

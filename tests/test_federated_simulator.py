@@ -244,3 +244,19 @@ def test_bad_input_fails_clearly(digits):
         fl.UniformSteps(0, 3)
     with pytest.raises(ValueError, match="probabilities"):
         fl.Bernoulli(1.5)
+
+
+@pytest.mark.slow
+def test_thousand_workers_hundred_steps_under_a_minute(digits):
+    import time
+
+    d = load_digits()
+    x, y = torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
+    train, test = TensorDataset(x[:1437], y[:1437]), digits[1]
+    start = time.perf_counter()
+    res = fl.simulate(linear(), train, fl.AFACD(local_lr=0.1, server_lr=5.0, buffer_size=10),
+                      num_workers=1000, steps=100, test_data=test, partition=fl.IID(),
+                      participation=fl.Bernoulli(0.5), local_steps=fl.UniformSteps(1, 10),
+                      speed=fl.Speed(sigma=0.5), max_concurrent=100, eval_every=100, progress=False)
+    assert res.steps == 100
+    assert time.perf_counter() - start < 60
