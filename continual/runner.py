@@ -256,7 +256,8 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def run_stream(model: nn.Module, stream, method="naive", *, method_options: dict | None = None,
-               adapter: str | None = None, adapter_options: dict | None = None, engine: str = "auto",
+               adapter: str | None = None, adapter_options: dict | None = None, per_task_adapter: bool = False,
+               engine: str = "auto",
                optimizer="sgd", epochs: int = 1, lr: float = 0.01, batch_size: int = 32,
                eval_batch_size: int = 512, seed: int = 0, device: str | torch.device = "cpu",
                checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True,
@@ -270,7 +271,10 @@ def run_stream(model: nn.Module, stream, method="naive", *, method_options: dict
             ``method_options`` are passed to the method's constructor (Avalanche baselines:
             to the strategy, e.g. ``{"ewc_lambda": 100}``; ``classp``: to :class:`CLASSP`).
         adapter, adapter_options: a registry adapter put on the model (``lifelong.wrap``), shared
-            across tasks; only its parameters train.
+            across tasks; only its parameters train. ``per_task_adapter=True`` keeps one adapter per
+            experience instead (``lifelong.adapters.routing.TaskRoutedModel``; native engine): the
+            adapter of experience i trains during i, and test experience j is routed to adapter j
+            (the experience index is the task id, an oracle in class/domain-incremental streams).
         engine: ``"native"``, ``"avalanche"`` or ``"auto"`` (native for our methods and naive).
         optimizer: ``"sgd"``, ``"adam"`` or a callable ``params -> Optimizer`` (ignored by classp).
         checkpoint_dir, resume: checkpoint after every experience; ``resume=True`` continues from it.
@@ -284,22 +288,32 @@ def run_stream(model: nn.Module, stream, method="naive", *, method_options: dict
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
+    if per_task_adapter and adapter is None:
+        raise ValueError("per_task_adapter=True needs adapter=<registry name>")
     train_exps, test_exps = check_benchmark(stream)
     name, method_obj = _method_object(method, method_options)
     if engine == "auto":
         engine = "native" if name in NATIVE_METHODS else "avalanche"
     if engine == "native" and name not in NATIVE_METHODS:
         raise ValueError(f"method {name!r} runs only in the Avalanche engine; native methods: {', '.join(NATIVE_METHODS)}")
+    if per_task_adapter and (engine != "native" or name in ("kcl", "gkcl")):
+        raise ValueError("per_task_adapter=True runs in the native engine with naive, migu, classp or powerlaw")
     device = torch.device(device)
     scenario = scenario_of(stream)
     masks = task_class_masks(train_exps, scenario)
     criterion = criterion or nn.CrossEntropyLoss()
 
     torch.manual_seed(seed)
-    model = _wrap_adapter(model, adapter, adapter_options).to(device)
+    if per_task_adapter:
+        from lifelong.adapters.routing import TaskRoutedModel
+
+        model = TaskRoutedModel(model, adapter, **adapter_options).to(device)
+    else:
+        model = _wrap_adapter(model, adapter, adapter_options).to(device)
     config = {
         "method": name, "method_config": method_obj.config() if method_obj is not None else method_options,
         "engine": engine, "scenario": scenario, "adapter": adapter, "adapter_options": adapter_options,
+        "per_task_adapter": per_task_adapter,
         "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable"),
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
         "stream": [[len(e.dataset) for e in train_exps], [len(e.dataset) for e in test_exps]],
@@ -374,18 +388,29 @@ class _NativeEngine:
         self.epochs, self.batch_size, self.device = epochs, batch_size, device
         self.criterion, self.masks, self.seed = criterion, masks, seed
         self.kernel = hasattr(method_obj, "train_experience")
+        self.routed = hasattr(model, "add_task")
+        self.optimizer = None
+        self._make_opt = lambda: _make_optimizer(optimizer, name, _trainable(model), lr,
+                                                 method_options if name == "classp" else {})
         if self.kernel:
             method_obj.setup(model, train_exps, masks, device, seed)
-            self.optimizer = None
-        else:
-            opts = method_options if name == "classp" else {}
-            self.optimizer = _make_optimizer(optimizer, name, _trainable(model), lr, opts)
+        elif not self.routed:
+            self.optimizer = self._make_opt()
         self.hooks = _NativeHooks(method_obj)
         self.lr = lr
+
+    def _route(self, i: int) -> None:
+        """Per-task adapters: add and select experience i's adapter; its optimizer is new."""
+        if i not in self.model.tasks:
+            self.model.add_task(i)
+        self.model.set_task(i)
+        self.optimizer = self._make_opt()
 
     def train_experience(self, i: int, train_exps: list) -> tuple[int, float]:
         if self.kernel:
             return self.method.train_experience(self.model, i, train_exps, self.epochs, self.batch_size, self.lr)
+        if self.routed:
+            self._route(i)
         model, opt = self.model, self.optimizer
         self.hooks.before_experience(model, i)
         data = self.hooks.train_dataset(i, train_exps)
@@ -414,22 +439,29 @@ class _NativeEngine:
         if self.kernel:
             return self.method.predict(self.model, x, j)
         self.model.eval()
+        if self.routed:
+            return self.model(x, task_id=j) if j in self.model.tasks else None
         return self.model(x)
 
     def state_dict(self) -> dict:
         state = {"model": self.model.state_dict(), "hooks": self.hooks.state_dict()}
+        if self.routed:
+            state["tasks"] = list(self.model.tasks)
         if self.kernel:
             state["method"] = self.method.state_dict()
-        else:
+        elif self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
         return state
 
     def load_state_dict(self, state: dict, train_exps: list | None = None) -> None:
+        if self.routed:  # recreate the adapters of finished experiences before loading their tensors
+            for task in state["tasks"]:
+                self._route(int(task))
         self.model.load_state_dict(state["model"])
         self.hooks.load_state_dict(state["hooks"])
         if self.kernel:
             self.method.load_state_dict(state["method"])
-        else:
+        elif "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
 
     def trainable_parameters(self) -> int:

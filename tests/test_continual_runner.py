@@ -185,3 +185,34 @@ def test_bad_inputs(split3):
         lc.run_stream(_mlp(), split3, "powerlaw", method_options={"alpha": -1.0}, progress=False)
     with pytest.raises(ValueError, match="budget too large"):
         lc.run_stream(_mlp(), split3, "powerlaw", method_options={"ratio": 10.0}, progress=False)
+
+
+def test_per_task_adapters_never_forget_and_resume(split3_task, tmp_path):
+    def run(**kw):
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        return lc.run_stream(base, split3_task, "migu", method_options={"mask_ratio": 0.5, "start_task": 0},
+                             adapter="lamda", per_task_adapter=True,
+                             adapter_options={"r": 4, "target_modules": ["0", "2"]}, epochs=2, lr=0.05,
+                             progress=False, **kw)
+
+    res = run(checkpoint_dir=str(tmp_path / "a"))
+    r = np.asarray(res.accuracy_matrix)
+    for j in range(3):  # task j's adapter is never trained again: its column is constant
+        assert (r[j:, j] == r[j, j]).all()
+    assert res.forgetting == 0.0 and res.bwt == 0.0
+    calls = {"n": 0}
+
+    def stop_in_second_task(logits, y):
+        calls["n"] += 1
+        if calls["n"] > 2 * (len(split3_task.train_stream[0].dataset) // 32 + 1) + 3:
+            raise KeyboardInterrupt
+        return nn.functional.cross_entropy(logits, y)
+
+    part = str(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint_dir=part, criterion=stop_in_second_task)
+    resumed = run(checkpoint_dir=part, resume=True)
+    np.testing.assert_array_equal(resumed.accuracy_matrix, res.accuracy_matrix)
+    with pytest.raises(ValueError, match="per_task_adapter=True needs adapter"):
+        lc.run_stream(_mlp(), split3_task, "naive", per_task_adapter=True, progress=False)
