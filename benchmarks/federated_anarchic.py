@@ -109,8 +109,11 @@ def throughput_flower(train, budget: float, max_steps: int) -> dict:
 
     x, y = train.tensors
     parts = fl.IID().split(y.numpy(), 1000, 0)
-    worker = FlowerWorker(lambda: make_model("logreg"), lambda p, n: (x[parts[p]], y[parts[p]]),
-                          participation=0.5)
+    def data_fn(p: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.array(parts[p])   # a writable copy: Ray hands actors read-only arrays
+        return x[idx], y[idx]
+
+    worker = FlowerWorker(lambda: make_model("logreg"), data_fn, participation=0.5)
     out: dict = {}
     server_app = ServerApp()
 
