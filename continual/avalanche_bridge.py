@@ -123,12 +123,13 @@ class KCLStrategy(SupervisedTemplate):
     """KCL/GKCL as an Avalanche strategy; ``model`` is the feature extractor.
 
     The task id is the experience index (``current_experience``). ``num_classes`` sizes the
-    one-hot support labels. Evaluation through ``strategy.eval`` uses the task's head.
+    one-hot support labels; ``n_tasks`` the number of experiences (GKCL's generator conditions). Evaluation through ``strategy.eval`` uses the task's head.
     """
 
     def __init__(self, model: nn.Module, kcl: KCL, num_classes: int, example_x: torch.Tensor, lr: float = 0.1,
                  train_mb_size: int = 10, train_epochs: int = 1, eval_mb_size: int = 256, device="cpu",
-                 plugins=None, evaluator=None, seed: int = 0):
+                 plugins=None, evaluator=None, seed: int = 0, n_tasks: int = 1):
+        kcl.n_tasks = n_tasks  # GKCL's generator has one condition per (task, class)
         kcl.build(model, num_classes, example_x, device, seed)
         self.kcl, self.base_lr, self.seed = kcl, lr, seed
         optimizer = kcl.make_optimizer(model, 0, lr) if kcl.scalars else torch.optim.SGD(model.parameters(), lr=lr)
@@ -212,7 +213,7 @@ class AvalancheEngine:
             num_classes = max(max(experience_classes(e)) for e in train_exps) + 1
             self.strategy = KCLStrategy(model, method_obj, num_classes, train_exps[0].dataset[0][0], lr=lr,
                                         train_mb_size=batch_size, train_epochs=epochs, eval_mb_size=eval_batch_size,
-                                        device=device, plugins=plugins, seed=seed)
+                                        device=device, plugins=plugins, seed=seed, n_tasks=len(train_exps))
             return
         if isinstance(method_obj, MIGU):
             plugins.insert(0, MIGUPlugin(method_obj))

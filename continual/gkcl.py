@@ -4,8 +4,9 @@ Mohammad Mahdi Derakhshani, Xiantong Zhen, Ling Shao, Cees G. M. Snoek. *Generat
 Continual Learning.* arXiv 2112.13410 (2021); base method KCL (ICML 2021). No complete reference
 code exists (``mmderakhshani/KCL``'s ``main_kernel_vae.py`` is a stub).
 
-Generator: encoder q_φ(z|x) = N(μ_φ(x), σ²_φ(x)), class-conditional prior p(z|y) = N(μ_y, σ²_y)
-(learnable per class), decoder x̂ = g_ψ([z, onehot(y)]) with a Gaussian likelihood. Per task t:
+Generator: encoder q_φ(z|x) = N(μ_φ(x), σ²_φ(x)), conditional prior p(z|c) = N(μ_c, σ²_c)
+(learnable per condition c = (task, class), so domain-incremental tasks that share classes get
+their own generators), decoder x̂ = g_ψ([z, onehot(c)]) with a Gaussian likelihood. Per task t:
 
     L_gen = ‖x − x̂‖² + β_kl · KL(q_φ(z|x) ‖ p(z|y)) + λ_sc · L_SC(normalize(μ_φ(x)), y)
     L_SC  = Σ_i −1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) )     (Khosla et al. 2020)
@@ -20,7 +21,8 @@ per task, constant in the number of tasks (KCL's coreset grows).
 Design decisions of ours (the paper could not be read, spec tags [D]): input-space generation with
 MLP encoder/decoder for flattened inputs; decoder input ``[z, onehot(y)]``; SupCon applied to the
 latent means (``sc_space="latent"``; ``"feature"`` applies it to the generated support features f_θ(x̃) during the KRR phase);
-replayed labels uniform over old classes; latent 32, β_kl 1, λ_sc 1, τ_sc 0.1, Adam 1e-3 for the
+condition on (task, class) (the summary's p(x | z, y, t)); replayed conditions uniform over the
+old (task, class) pairs; latent 32, β_kl 1, λ_sc 1, τ_sc 0.1, Adam 1e-3 for the
 generator, ``gen_epochs`` epochs of generator training per task.
 """
 
@@ -57,7 +59,9 @@ def supcon_loss(z: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) -> t
 
 
 class ConditionalVAE(nn.Module):
-    """MLP VAE with a learnable class-conditional Gaussian prior; works on flattened inputs."""
+    """MLP VAE with a learnable conditional Gaussian prior; works on flattened inputs.
+
+    ``num_classes`` is the number of conditions (GKCL uses one per (task, class) pair)."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, latent_dim: int = 32, hidden: int = 128):
         super().__init__()
@@ -114,20 +118,31 @@ class GKCL(KCL):
         self.latent_dim, self.hidden, self.beta_kl, self.lambda_sc, self.tau_sc = latent_dim, hidden, beta_kl, lambda_sc, tau_sc
         self.sc_space, self.gen_epochs, self.gen_lr, self.gen_batch_size = sc_space, gen_epochs, gen_lr, gen_batch_size
         self._step = 0
+        self.n_tasks = 1
 
     def config(self) -> dict:
         return {**super().config(), "latent_dim": self.latent_dim, "hidden": self.hidden, "beta_kl": self.beta_kl,
                 "lambda_sc": self.lambda_sc, "tau_sc": self.tau_sc, "sc_space": self.sc_space,
                 "gen_epochs": self.gen_epochs, "gen_lr": self.gen_lr, "gen_batch_size": self.gen_batch_size}
 
+    def setup(self, backbone, train_exps, masks, device, seed) -> None:
+        self.n_tasks = len(train_exps)
+        super().setup(backbone, train_exps, masks, device, seed)
+
     def build(self, backbone, num_classes, example_x, device, seed) -> None:
         super().build(backbone, num_classes, example_x, device, seed)
         torch.manual_seed(seed + 3)
         shape = tuple(example_x.shape)
-        self.generator = ConditionalVAE(shape, self.num_classes, self.latent_dim, self.hidden).to(self.device)
+        conditions = self.n_tasks * self.num_classes  # one per (task, class): domain-IL tasks share classes
+        self.generator = ConditionalVAE(shape, conditions, self.latent_dim, self.hidden).to(self.device)
+
+    def _condition(self, task: int, y: torch.Tensor) -> torch.Tensor:
+        if task >= self.n_tasks:
+            raise ValueError(f"GKCL was built for {self.n_tasks} tasks (n_tasks); got task index {task}")
+        return task * self.num_classes + y
 
     def _train_generator(self, index: int, dataset) -> None:
-        old_classes = sorted({c for t in range(index) for c in self.task_classes[t]})
+        old_classes = [t * self.num_classes + c for t in range(index) for c in self.task_classes[t]]
         frozen = copy.deepcopy(self.generator).eval() if old_classes else None
         opt = torch.optim.Adam(self.generator.parameters(), lr=self.gen_lr)
         g = torch.Generator().manual_seed(self.seed * 31 + index)
@@ -136,8 +151,8 @@ class GKCL(KCL):
         self.generator.train()
         for _ in range(self.gen_epochs):
             for batch in loader:
-                x, y = batch[0].to(self.device), batch[1].to(self.device)
-                if frozen is not None:  # 1:1 generative replay of the old classes
+                x, y = batch[0].to(self.device), self._condition(index, batch[1].to(self.device))
+                if frozen is not None:  # 1:1 generative replay of the old (task, class) conditions
                     old = torch.as_tensor(old_classes, device=self.device)
                     y_old = old[torch.randint(len(old_classes), (len(y),), generator=g).to(self.device)]
                     x = torch.cat([x, frozen.generate(y_old, g)])
@@ -155,13 +170,14 @@ class GKCL(KCL):
     def support(self, task: int, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         classes = torch.as_tensor(self.task_classes[task], device=self.device)
         y = classes.repeat_interleave(self.m)
+        cond = self._condition(task, y)
         if training:  # fresh samples every step, seeded by the step counter
             self._step += 1
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._step)
         else:  # evaluation support is fixed per task
             g = torch.Generator().manual_seed(self.seed * 7_777 + task)
         self.generator.eval()
-        return self.generator.generate(y, g), y
+        return self.generator.generate(cond, g), y
 
     def head(self, h_support, y_support, h_query, task: int, sample: bool = False):
         logits, kl = super().head(h_support, y_support, h_query, task, sample)
