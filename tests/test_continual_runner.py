@@ -216,3 +216,22 @@ def test_per_task_adapters_never_forget_and_resume(split3_task, tmp_path):
     np.testing.assert_array_equal(resumed.accuracy_matrix, res.accuracy_matrix)
     with pytest.raises(ValueError, match="per_task_adapter=True needs adapter"):
         lc.run_stream(_mlp(), split3_task, "naive", per_task_adapter=True, progress=False)
+
+
+def test_user_built_avalanche_benchmark():
+    from avalanche.benchmarks.scenarios import benchmark_from_datasets
+    from avalanche.benchmarks.utils import DataAttribute, make_avalanche_dataset
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+
+    def ds(n, shift):
+        x = torch.randn(n, 64, generator=g) + shift
+        y = torch.randint(0, 10, (n,), generator=g)
+        return make_avalanche_dataset(TensorDataset(x, y), data_attributes=[DataAttribute(y.tolist(), "targets")])
+
+    bm = benchmark_from_datasets(train=[ds(60, t) for t in range(2)], test=[ds(30, t) for t in range(2)])
+    assert scenario_of(bm) == "domain-incremental"
+    for method in ("naive", "ewc"):
+        res = lc.run_stream(_mlp(), bm, method, epochs=1, batch_size=16, progress=False)
+        assert np.asarray(res.accuracy_matrix).shape == (2, 2) and not np.isnan(res.acc)
