@@ -84,12 +84,16 @@ def minilm() -> nn.Module:
 def minilm_batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     minilm()
     tokenizer = _MINILM["tokenizer"]
-    texts = [
-        "Continual learning keeps old skills while acquiring new ones.",
-        "Adapters train a few parameters on top of a frozen model.",
-        "The quick brown fox jumps over the lazy dog.",
-        "Federated workers join whenever they like.",
-    ]
+    texts = [  # seed 0 and seed 1 see different sentences (calibration vs evaluation data)
+        ["Continual learning keeps old skills while acquiring new ones.",
+         "Adapters train a few parameters on top of a frozen model.",
+         "The quick brown fox jumps over the lazy dog.",
+         "Federated workers join whenever they like."],
+        ["Return the absolute value of the argument.",
+         "A river winds through the valley below the old mill.",
+         "Merge the adapter into the base weights before export.",
+         "Seven cats slept in the warm afternoon sun."],
+    ][seed % 2]
     out = []
     for i in range(n):
         batch = tokenizer(texts[i % 4 :] + texts[: i % 4], padding=True, return_tensors="pt")

@@ -42,7 +42,8 @@ class Case:
     def __init__(self, method: str, kind: str):
         self.kind = MODELS[kind]
         self.method = method
-        self.batches = self.kind.batches(2)
+        self.batches = self.kind.batches(2)  # data the method may calibrate on
+        self.eval_batches = self.kind.batches(2, seed=1)  # data the checks run on
         torch.manual_seed(1)
         self.reference = self.kind.make()
         model = copy.deepcopy(self.reference)
@@ -52,7 +53,7 @@ class Case:
 
     def outputs(self, model: nn.Module) -> list[torch.Tensor]:
         with torch.no_grad():
-            return [run(model, b) for b in self.batches]
+            return [run(model, b) for b in self.eval_batches]
 
     def perturb(self, seed: int = 2) -> None:
         """Move every trainable adapter tensor away from its init (bat needs small T)."""
@@ -60,6 +61,21 @@ class Case:
         with torch.no_grad():
             for p in self.adapted.trainable_parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.dtype))
+
+    def merge_blockers(self) -> list[str]:
+        return [reason for layer in self.adapted.adapted_layers() for a in layer.adapters.values()
+                if (reason := a.merge_blocker(layer.base_layer)) is not None]
+
+    def check_refuses_merge(self) -> bool:
+        """An adapter that cannot be merged must refuse before any weight changes."""
+        if not self.merge_blockers():
+            return False
+        before = self.base_weights()
+        with pytest.raises(ValueError, match="cannot merge"):
+            self.adapted.merge()
+        after = self.base_weights()
+        assert all(torch.equal(after[n], before[n]) for n in before)
+        return True
 
     def base_weights(self) -> dict[str, torch.Tensor]:
         return {
@@ -90,6 +106,8 @@ def test_output_at_init_equals_base(case: Case) -> None:
 
 def test_merge_matches_unmerged_and_unmerge_restores_weights(case: Case) -> None:
     case.perturb()
+    if case.check_refuses_merge():
+        return
     before = case.base_weights()
     live = case.outputs(case.adapted)
     assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(live, case.outputs(case.reference)))
@@ -104,6 +122,8 @@ def test_merge_matches_unmerged_and_unmerge_restores_weights(case: Case) -> None
 
 def test_merge_and_unload_gives_plain_model_with_same_output(case: Case) -> None:
     case.perturb()
+    if case.check_refuses_merge():
+        return
     live = case.outputs(case.adapted)
     plain = case.adapted.merge_and_unload()
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
@@ -134,7 +154,7 @@ def test_save_then_load_gives_identical_outputs(case: Case, tmp_path) -> None:
 def test_only_adapter_parameters_get_gradients(case: Case) -> None:
     case.perturb()
     case.adapted.train()
-    out = run(case.adapted, case.batches[0])
+    out = run(case.adapted, case.eval_batches[0])
     (out.float() ** 2).mean().backward()
     trainable = {id(p) for p in case.adapted.trainable_parameters()}
     assert trainable, "an adapter must have something to train"
