@@ -141,6 +141,24 @@ class FlowerWorker:
         return Message(content=content, reply_to=msg)
 
 
+class PartitionedData:
+    """A picklable ``data_fn`` for `FlowerWorker`: partition p gets ``inputs[parts[p]]``.
+
+    Ray ships the ClientApp to its actors by pickling, so functions defined in a script
+    or a test module cannot be used there; instances of this class can.
+    """
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, parts: list[np.ndarray]):
+        self.inputs, self.labels, self.parts = inputs, labels, [np.array(p) for p in parts]
+
+    def __call__(self, partition: int, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if num_partitions != len(self.parts):
+            raise ValueError(f"the federation has {num_partitions} nodes but the data was split "
+                             f"into {len(self.parts)} partitions")
+        idx = torch.from_numpy(self.parts[partition])
+        return self.inputs[idx], self.labels[idx]
+
+
 def make_client_app(worker: FlowerWorker) -> ClientApp:
     app = ClientApp()
     app.train()(worker)

@@ -124,7 +124,12 @@ def test_event_driven_loop_on_flowers_ray_simulation_engine():
         out.update(flower.run_async(grid, server, num_steps=4, concurrency=2, poll_interval=0.05,
                                     min_nodes=3, timeout=300))
 
-    worker = flower.FlowerWorker(model_fn, data_fn)
+    # Ray pickles the ClientApp: use importable callables, not this module's functions
+    import functools
+
+    parts = fl.IID().split(Y[:300].numpy(), 3, 0)
+    worker = flower.FlowerWorker(functools.partial(nn.Linear, 64, 10),
+                                 flower.PartitionedData(X[:300], Y[:300], parts))
     run_simulation(server_app=server_app, client_app=flower.make_client_app(worker), num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     assert out["steps"] == 4

@@ -253,10 +253,14 @@ def test_thousand_workers_hundred_steps_under_a_minute(digits):
     d = load_digits()
     x, y = torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
     train, test = TensorDataset(x[:1437], y[:1437]), digits[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny tensors: one thread avoids contention (as the benchmark)
     start = time.perf_counter()
     res = fl.simulate(linear(), train, fl.AFACD(local_lr=0.1, server_lr=5.0, buffer_size=10),
                       num_workers=1000, steps=100, test_data=test, partition=fl.IID(),
                       participation=fl.Bernoulli(0.5), local_steps=fl.UniformSteps(1, 10),
                       speed=fl.Speed(sigma=0.5), max_concurrent=100, eval_every=100, progress=False)
+    seconds = time.perf_counter() - start
+    torch.set_num_threads(threads)
     assert res.steps == 100
-    assert time.perf_counter() - start < 60
+    assert seconds < 60
