@@ -198,10 +198,11 @@ class AFAStrategy(Strategy):
             self.server.init(record_to_params(arrays), self.num_workers)
         nodes = sorted(grid.get_node_ids())
         size = min(len(nodes), max(self.min_train_nodes, int(len(nodes) * self.fraction_train)))
-        chosen = np.random.default_rng([_SAMPLE, self.seed, server_round]).choice(
-            nodes, size, replace=False)
-        return [train_message(self.server, int(n), self.max_local_steps, server_round)
-                for n in sorted(chosen.tolist())]
+        # pick positions, not ids: node ids are 64-bit unsigned and numpy would round them
+        picks = np.random.default_rng([_SAMPLE, self.seed, server_round]).choice(
+            len(nodes), size, replace=False)
+        return [train_message(self.server, nodes[i], self.max_local_steps, server_round)
+                for i in sorted(picks.tolist())]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -295,7 +296,8 @@ class DirectGrid(Grid):
                  delays: Mapping[int, int] | None = None):
         ensure_task_identity()
         self.client_app = client_app
-        self.node_ids = [1000 + i for i in range(num_nodes)]
+        # 64-bit unsigned ids on both sides of 2**63, like Flower's random node ids
+        self.node_ids = [(12345 + i * (2**62 + 7919)) % 2**64 for i in range(num_nodes)]
         self.contexts = {nid: Context(run_id=1, node_id=nid,
                                       node_config={"partition-id": i, "num-partitions": num_nodes},
                                       state=RecordDict(), run_config=dict(run_config or {}))

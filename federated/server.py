@@ -20,7 +20,7 @@ buffers never reach them (invariant 11).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch

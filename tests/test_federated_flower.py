@@ -75,7 +75,7 @@ def test_nodes_that_decline_send_nothing_and_the_model_stays():
 def test_error_replies_are_skipped():
     flower.ensure_task_identity()
     server = fl.AFACD(local_lr=0.1).init(fl.trainable_params(model_fn()), NODES)
-    msg = flower.train_message(server, 1000, 2)
+    msg = flower.train_message(server, 2**63 + 5, 2)
     msg.metadata.__dict__["_message_id"] = "m1"
     assert flower.reply_to_update(Message(Error(code=0, reason="node died"), reply_to=msg)) is None
     ok = Message(RecordDict({"update": flower.params_to_record(server.params),

@@ -1,6 +1,5 @@
 """ServerApp: AFA-CD / AFA-CS from lifelong.federated, round-based or event-driven."""
 import json
-from pathlib import Path
 
 from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -37,12 +36,13 @@ def main(grid: Grid, context: Context) -> None:
     if cfg["mode"] == "round":
         strategy = AFAStrategy(server, num_workers=num_workers,
                                max_local_steps=int(cfg["max-local-steps"]), seed=int(cfg["seed"]))
-        result = strategy.start(
-            grid, params_to_record(x0), num_rounds=steps,
-            evaluate_fn=lambda rnd, arrays: MetricRecord(
-                {"accuracy": _accuracy(record_to_params(arrays))}))
-        summary = {"mode": "round", "steps": server.version,
-                   "accuracy": _accuracy(record_to_params(result.arrays))}
+        strategy.start(grid, params_to_record(x0), num_rounds=steps,
+                       evaluate_fn=lambda rnd, arrays: MetricRecord(
+                           {"accuracy": _accuracy(record_to_params(arrays))}))
+        # the server object holds the authoritative global model
+        summary = {"mode": "round", "rounds": steps, "steps": server.version,
+                   "staleness": dict(sorted(server.stats["staleness_consumed"].items())),
+                   "accuracy": _accuracy(server.params)}
     else:
         server.init(x0, num_workers)
         out = run_async(grid, server, num_steps=steps, concurrency=int(cfg["concurrency"]),
