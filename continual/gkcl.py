@@ -16,7 +16,9 @@ frozen copy of the previous generator (generative replay, on the generator only)
 extractor and the per-task KRR head are then trained exactly as in KCL, with the support set =
 ``samples_per_class`` generated samples per class of task t (fresh every step). Evaluation of task
 s generates its support with a fixed seed (deterministic). Memory: the generator and 3 scalars
-per task, constant in the number of tasks (KCL's coreset grows).
+per task. The generator is sized once for the stream (``n_tasks`` × classes conditions, each
+costing ``2·latent_dim + hidden`` floats in the prior and the decoder's first layer) and does not
+grow while training; KCL's coreset grows by ``samples_per_class`` inputs per class and task.
 
 Design decisions of ours (the paper could not be read, spec tags [D]): input-space generation with
 MLP encoder/decoder for flattened inputs; decoder input ``[z, onehot(y)]``; SupCon applied to the
