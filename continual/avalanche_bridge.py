@@ -27,7 +27,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from .classp import CLASSP
 from .kcl import KCL
 from .migu import MIGU
 from .powerlaw_replay import PowerLawReplay

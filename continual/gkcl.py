@@ -31,7 +31,6 @@ generator, ``gen_epochs`` epochs of generator training per task.
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 from torch import nn
