@@ -21,7 +21,7 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/quickstart.py
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=20
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: LAPACK and BLAS with 2 threads on 2 shared cores run several times slower here.
+torch.set_num_threads(1)
 
 
 class MLP(nn.Module):
