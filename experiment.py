@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .continual.result import atomic_write_text
+from .files import atomic_write_text
 
 COMMON_KEYS = {"kind", "name", "seeds", "model", "adapter"}
 SECTION_KEYS = {

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .continual.result import atomic_write_text
+from .files import atomic_write_text
 from .experiment import CONTINUAL_METRICS, FEDERATED_METRICS, summarise, versions
 
 

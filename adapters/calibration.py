@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..files import atomic_write
 from ..kernels import cov_update_
 
 NORMALIZATIONS = ("max", "none")
@@ -89,12 +90,7 @@ class CovarianceStats:
         meta = {"format": FORMAT, "normalize": self.normalize, "calls": self.calls, "tokens": self.tokens,
                 "meta": self.meta}
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.sums.items()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata={"lifelong": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"lifelong": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "CovarianceStats":

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..files import atomic_write
 from .base import RESIDUAL_BUFFERS, AdaptedLayer, Adapter, SavedModule
 from .config import AdapterConfig
 from .registry import get_method, make_config
@@ -371,18 +370,6 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
     if meta.get("library") != "lifelong" or "method" not in meta:
         raise ValueError(f"{str(config_path)!r} was not written by lifelong's save_pretrained")
     return meta, load_file(str(weights_path))
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def wrap(model: nn.Module, method: str | AdapterConfig, *, adapter_name: str = "default", **options: Any) -> AdaptedModel:

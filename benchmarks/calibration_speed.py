@@ -20,7 +20,6 @@ import argparse
 import inspect
 import json
 import os
-import pkgutil
 import resource
 import subprocess
 import sys

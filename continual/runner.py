@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
 
+from ..files import atomic_write
 from .classp import CLASSP
 from .metrics import AccuracyMatrix, accuracy
 from .migu import MIGU
@@ -213,16 +213,7 @@ def _fingerprint(config: dict) -> str:
 
 
 def _save_checkpoint(folder: str, state: dict) -> None:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(folder, CHECKPOINT))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(os.path.join(folder, CHECKPOINT), lambda tmp: torch.save(state, tmp))
 
 
 def _load_checkpoint(folder: str, config: dict) -> dict | None:

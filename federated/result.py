@@ -2,28 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..files import atomic_write, atomic_write_bytes
 from .params import Params
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def gini(counts: list[int]) -> float:
@@ -111,12 +97,8 @@ class SimulationResult:
         axes[3].set_ylabel("updates")
         fig.suptitle(self.config.get("algorithm", {}).get("algorithm", "federation"))
         fig.tight_layout()
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-        os.close(fd)
-        fig.savefig(tmp, dpi=90)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
         plt.close(fig)
-        os.replace(tmp, path)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

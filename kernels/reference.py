@@ -7,7 +7,6 @@ receives a gradient because it has ``requires_grad=False``.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
