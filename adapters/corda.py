@@ -168,17 +168,23 @@ class LowRankResidualAdapter(Adapter):
     def delta_weight(self, base: nn.Module) -> Tensor:
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
 
+    @staticmethod
+    def calibrated_statistics(model: nn.Module, targets: dict[str, nn.Module], config: Any) -> CovarianceStats:
+        """Check every layer's rank, then calibrate (or reuse given statistics): both happen
+        before any weight of the model changes."""
+        for name, module in targets.items():
+            check_rank(name, resolve_rank(config.rank_pattern, name, config.r), layer_weight(module))
+        return resolve_statistics(
+            config.calibration, model, targets, normalize=config.normalize, cov_dtype=config.cov_dtype,
+            progress=config.progress,
+        )
+
 
 @register("corda", CordaConfig)
 class CordaAdapter(LowRankResidualAdapter):
     @classmethod
     def prepare(cls, model: nn.Module, targets: dict[str, nn.Module], config: CordaConfig) -> dict[str, Any]:
-        for name, module in targets.items():
-            check_rank(name, resolve_rank(config.rank_pattern, name, config.r), layer_weight(module))
-        stats = resolve_statistics(
-            config.calibration, model, targets, normalize=config.normalize, cov_dtype=config.cov_dtype,
-            progress=config.progress,
-        )
+        stats = cls.calibrated_statistics(model, targets, config)
         return {
             name: decompose(
                 layer_weight(module), stats.covariance(name), resolve_rank(config.rank_pattern, name, config.r),

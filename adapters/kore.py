@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .calibration import COV_DTYPES, CovarianceStats, resolve_statistics
+from .calibration import COV_DTYPES
 from .config import AdapterConfig, one_of, positive_int
 from .corda import LowRankResidualAdapter, check_rank, layer_weight
 from .registry import register
@@ -132,12 +132,7 @@ def null_space(cov: Tensor, r: int, tokens: int, layer_name: str, tol: float) ->
 class KoreAdapter(LowRankResidualAdapter):
     @classmethod
     def prepare(cls, model: nn.Module, targets: dict[str, nn.Module], config: KoreConfig) -> dict[str, Any]:
-        for name, module in targets.items():
-            check_rank(name, resolve_rank(config.rank_pattern, name, config.r), layer_weight(module))
-        stats: CovarianceStats = resolve_statistics(
-            config.calibration, model, targets, normalize=config.normalize, cov_dtype=config.cov_dtype,
-            progress=config.progress,
-        )
+        stats = cls.calibrated_statistics(model, targets, config)
         return {
             name: null_space(
                 stats.covariance(name), resolve_rank(config.rank_pattern, name, config.r), stats.tokens[name], name,
