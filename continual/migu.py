@@ -221,11 +221,15 @@ class MIGU:
         return self
 
     def _add(self, key: int, out: torch.Tensor) -> None:
-        h = out.detach().float().abs().reshape(-1, out.shape[-1])
+        # abs is exact in any dtype; the sum accumulates in float32 so fp16 outputs cannot overflow
+        h = out.detach().abs()
+        if h.dim() != 2:
+            h = h.reshape(-1, h.shape[-1])
         if self.normalize == "token":
-            h = h / h.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        m = h.sum(dim=0)
-        self._acc[key] = m if key not in self._acc else self._acc[key] + m
+            h = h / h.sum(dim=1, keepdim=True, dtype=torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+        m = h.sum(dim=0, dtype=torch.float32)
+        acc = self._acc.get(key)
+        self._acc[key] = m if acc is None else acc.add_(m)
 
     def _make_hook(self, key: int, own: bool, down: list[_Target]):
         def hook(module, inputs, output):
@@ -250,35 +254,62 @@ class MIGU:
         """Accumulated magnitude vector per target name (for inspection and tests)."""
         return {t.name: self._acc[t.key].clone() for t in self.targets if t.key in self._acc}
 
+    def _dropped_rows(self) -> dict[int, torch.Tensor]:
+        """Indices of the ``⌊T·d_out⌋`` smallest magnitudes per accumulator key.
+
+        Accumulators of equal length are stacked and sorted in one call (a transformer has a
+        handful of distinct widths but dozens of layers): per-call overhead, not FLOPs, is what
+        this costs on small models.
+        """
+        by_width: dict[int, list[int]] = {}
+        for key, m in self._acc.items():
+            by_width.setdefault(m.numel(), []).append(key)
+        dropped = {}
+        for width, keys in by_width.items():
+            keep = width - int(self.mask_ratio * width)
+            if keep == width:
+                continue
+            mags = torch.stack([self._acc[k] for k in keys]) if len(keys) > 1 else self._acc[keys[0]].unsqueeze(0)
+            # stable descending sort: among equal magnitudes the lower index is kept
+            order = torch.argsort(mags, dim=1, descending=True, stable=True)[:, keep:]
+            dropped.update(zip(keys, order))
+        return dropped
+
     def masks(self) -> dict[str, torch.Tensor]:
-        """Current keep-masks per target (from the magnitudes accumulated so far)."""
+        """Keep-masks per target from the magnitudes accumulated so far (valid until ``after_step``)."""
+        dropped = self._dropped_rows()
         out = {}
         for t in self.targets:
             m = self._acc.get(t.key)
             if m is not None:
-                out[t.name] = migu_mask(m, self.mask_ratio)
+                keep = torch.ones(m.numel(), dtype=torch.bool, device=m.device)
+                if t.key in dropped:
+                    keep[dropped[t.key]] = False
+                out[t.name] = keep
         return out
 
-    def mask_gradients(self) -> dict[str, torch.Tensor]:
-        """Zero the gradient rows outside the top-k; call after backward, before clipping/step."""
-        if not self.attached:
-            return {}
-        masks = self.masks()
+    def mask_gradients(self) -> None:
+        """Zero the gradient rows outside the top-k; call after backward, before clipping/step.
+
+        :meth:`masks` tells which rows were kept, until :meth:`after_step` resets the magnitudes.
+        """
         self._saved = []
+        if not self.attached:
+            return
+        dropped = self._dropped_rows()
         for t in self.targets:
-            mask = masks.get(t.name)
-            if mask is None or t.weight.grad is None:
+            rows = dropped.get(t.key)
+            if rows is None or t.weight.grad is None:
                 continue
-            keep = mask.to(t.weight.grad.dtype).unsqueeze(1)
-            t.weight.grad.mul_(keep)
-            if self.mask_bias and t.bias is not None and t.bias.grad is not None:
-                t.bias.grad.mul_(mask.to(t.bias.grad.dtype))
+            # a fill, not a multiply by a 0/1 mask: a masked inf/NaN gradient row becomes 0 too
+            t.weight.grad.index_fill_(0, rows, 0.0)
+            masked_bias = self.mask_bias and t.bias is not None
+            if masked_bias and t.bias.grad is not None:
+                t.bias.grad.index_fill_(0, rows, 0.0)
             if self.freeze_masked_updates:
-                rows = (~mask).nonzero().squeeze(1)
                 self._saved.append((t.weight, rows, t.weight.detach()[rows].clone()))
-                if self.mask_bias and t.bias is not None:
+                if masked_bias:
                     self._saved.append((t.bias, rows, t.bias.detach()[rows].clone()))
-        return masks
 
     def after_step(self) -> None:
         """Reset the accumulators (and restore masked rows when ``freeze_masked_updates``)."""

@@ -63,7 +63,8 @@ def test_exact_count_and_top_rows():
     migu = MIGU(mask_ratio=0.7, start_task=0).attach(layer)
     x = torch.rand(5, 3) + 0.1
     layer(x).pow(2).sum().backward()  # every gradient row is nonzero
-    masks = migu.mask_gradients()
+    migu.mask_gradients()
+    masks = migu.masks()
     kept = (layer.weight.grad.abs().sum(1) != 0).nonzero().squeeze(1).tolist()
     assert len(kept) == 10 - int(0.7 * 10) == 3
     assert sorted(kept) == [1, 5, 7]
@@ -84,7 +85,8 @@ def test_sgd_masked_rows_frozen_kept_rows_plain_update():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         nn.functional.cross_entropy(model(x), y).backward()
         if use:
-            masks = migu.mask_gradients()
+            migu.mask_gradients()
+            masks = migu.masks()
         opt.step()
     for idx in ("0", "2"):
         keep = masks[idx]
@@ -111,7 +113,8 @@ def test_forward_unchanged_and_untargeted_grads_untouched():
 def _mask_of(layer, x, ratio=0.6):
     migu = MIGU(mask_ratio=ratio, start_task=0).attach(layer)
     layer(x).sum().backward()
-    return migu.mask_gradients()[""]
+    migu.mask_gradients()
+    return migu.masks()[""]
 
 
 def test_input_scale_invariance_and_permutation_equivariance():
@@ -169,7 +172,9 @@ def test_accumulation_equals_big_batch():
     a(x[:4]).sum().backward()
     a(x[4:]).sum().backward()
     b(x).sum().backward()
-    masks_a, masks_b = ma.mask_gradients(), mb.mask_gradients()
+    ma.mask_gradients()
+    mb.mask_gradients()
+    masks_a, masks_b = ma.masks(), mb.masks()
     assert all(torch.equal(masks_a[k], masks_b[k]) for k in masks_b)
 
 
@@ -199,7 +204,8 @@ def test_lora_b_mask_follows_full_layer_output():
     assert any(n.endswith("lora_A.default") for n in names) and any(n.endswith("lora_B.default") for n in names)
     x = torch.rand(5, 4) + 0.1
     model(x).sum().backward()
-    masks = migu.mask_gradients()
+    migu.mask_gradients()
+    masks = migu.masks()
     b_mask = next(v for k, v in masks.items() if k.endswith("lora_B.default"))
     assert b_mask.nonzero().squeeze(1).tolist() == [3]
     a_mask = next(v for k, v in masks.items() if k.endswith("lora_A.default"))
@@ -218,7 +224,8 @@ def test_lifelong_adapter_rows():
     assert kinds["lora_A"] == (True, (3, 6)) and kinds["lora_B"] == (False, (10, 3))
     x = torch.randn(8, 6)
     model(x).sum().backward()
-    masks = migu.mask_gradients()
+    migu.mask_gradients()
+    masks = migu.masks()
     b_name = next(t.name for t in migu.targets if t.name.endswith("lora_B"))
     lora_b = next(t.weight for t in migu.targets if t.name.endswith("lora_B"))
     nonzero_rows = (lora_b.grad.abs().sum(1) != 0)
@@ -237,7 +244,8 @@ def test_start_task_and_full_masking():
     assert not migu.attached
     x, y = _batches(1)[0]
     nn.functional.cross_entropy(model(x), y).backward()
-    assert migu.mask_gradients() == {}
+    migu.mask_gradients()
+    assert migu.masks() == {}
     assert model[0].weight.grad.abs().sum() > 0
     migu.before_experience(model, 1)
     model.zero_grad()
@@ -256,7 +264,8 @@ def test_freeze_masked_updates_restores_rows_under_adam():
         before = model[0].weight.detach().clone()
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        masks = migu.mask_gradients()
+        migu.mask_gradients()
+        masks = migu.masks()
         opt.step()
         migu.after_step()
         assert torch.equal(model[0].weight.detach()[~masks["0"]], before[~masks["0"]])
@@ -329,3 +338,35 @@ def test_hf_trainer_callback_masks_one_step():
     changed = (model.net[0].weight.detach() != before).any(1)
     assert int(changed.sum()) == 12 - int(0.75 * 12)  # one optimizer step: exactly the kept rows moved
     assert not callback.migu.attached
+
+
+def test_layers_of_equal_width_are_masked_like_each_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 4))
+    plain = copy.deepcopy(model)
+    migu = MIGU(mask_ratio=0.4, start_task=0).attach(model)
+    x = torch.randn(8, 6)
+    model(x).sum().backward()
+    plain(x).sum().backward()
+    with torch.no_grad():  # the magnitudes recomputed by hand, layer by layer
+        h0 = model[0](x)
+        h2 = model[2](model[1](h0))
+        h4 = model[4](model[3](h2))
+    migu.mask_gradients()
+    masks = migu.masks()
+    for name, h in (("0", h0), ("2", h2), ("4", h4)):
+        expected = migu_mask(h.abs().sum(0), 0.4)
+        assert torch.equal(masks[name], expected)
+        grad, reference = model[int(name)].weight.grad, plain[int(name)].weight.grad
+        assert torch.equal(grad[expected], reference[expected])
+        assert not grad[~expected].any()
+
+
+def test_masked_non_finite_gradient_rows_become_zero():
+    layer = _known_layer([1.0, 2.0, 3.0, 4.0])
+    migu = MIGU(mask_ratio=0.5, start_task=0).attach(layer)
+    layer(torch.ones(2, 3)).sum().backward()
+    layer.weight.grad[0] = float("nan")  # unit 0 has the smallest magnitude: it is masked
+    migu.mask_gradients()
+    assert torch.equal(layer.weight.grad[:2], torch.zeros(2, 3))
+    assert bool(torch.isfinite(layer.weight.grad).all())
