@@ -155,6 +155,7 @@ class _Collector:
         self.tokens = dict.fromkeys(layers, 0)
         self.mask: Tensor | None = None
         self._last_input: Tensor | None = None
+        self._last_version = -1
         self._last_product: tuple[Tensor, int, int] | None = None
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in layers.items()]
         self.in_features = {name: layer_in_features(m) for name, m in layers.items()}
@@ -172,11 +173,12 @@ class _Collector:
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             x = inputs[0]
-            if x is self._last_input and self._last_product is not None:
+            # the same tensor, unchanged since (an in-place op bumps _version): reuse its product
+            if x is self._last_input and x._version == self._last_version and self._last_product is not None:
                 product, calls, tokens = self._last_product
             else:
                 product, calls, tokens = self._product(name, x)
-                self._last_input, self._last_product = x, (product, calls, tokens)
+                self._last_input, self._last_version, self._last_product = x, x._version, (product, calls, tokens)
             if name in self.sums:
                 self.sums[name].add_(product)
             else:
@@ -203,7 +205,7 @@ class _Collector:
             # the ill-conditioned CorDA inverse amplifies ~1e5-fold
             seqs = seqs / sequence_scale(seqs, keep).unsqueeze(-1).unsqueeze(-1)
         rows = seqs[keep] if keep is not None else seqs.reshape(-1, d)
-        n_seq = int(keep.any(dim=1).sum()) if keep is not None else 1
+        n_seq = int(keep.any(dim=1).sum()) if keep is not None else seqs.shape[0]
         product = cov_update_(torch.zeros(d, d, dtype=self.dtype, device=x.device), rows)
         return product, n_seq, rows.shape[0]
 

@@ -17,6 +17,13 @@ so the adapted layer equals the base layer at init; A and B train, W_res stays f
 ``parity=True`` (default) collects C with PEFT's per-call ``|max|`` normalisation; ``False``
 uses the plain token-averaged ``XᵀX`` (the products of CorDA are invariant to C's overall scale,
 not to the per-sequence weighting).
+
+Precision (ours): PEFT runs the inverse and the SVD in float32. For KPM that is not enough on
+real models: the r smallest singular values of ``W C_d`` sit near float32's rounding floor, and
+on MiniLM the float32 result differs from the float64 decomposition of the *same* covariance by
+up to 88% (relative Frobenius error of s·B·A; the float32 covariance itself is within 3e-5 of
+the float64 one; ``benchmarks/calibration_speed.py``). ``svd_dtype="float64"`` decomposes in
+float64; the default ``"float32"`` keeps PEFT's numbers.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ class CordaConfig(AdapterConfig):
     r, covariance of the knowledge to keep). ``calibration``: an iterable of batches, a
     :class:`CovarianceStats` or the path of a saved one (runtime only). Damping follows PEFT:
     start ``damp_init``, multiply by ``damp_growth`` until the inverse error is below ``inv_tol``,
-    at most ``max_doublings`` times."""
+    at most ``max_doublings`` times. ``svd_dtype``: precision of the inverse and SVD (float32 as
+    PEFT, or float64; see the module docstring)."""
 
     r: int = 8
     lora_alpha: float = 8.0
@@ -57,6 +65,7 @@ class CordaConfig(AdapterConfig):
     damp_growth: float = 2.0
     inv_tol: float = 0.05
     max_doublings: int = 30
+    svd_dtype: str = "float32"
     progress: bool = True
     calibration: Any = None
 
@@ -66,6 +75,7 @@ class CordaConfig(AdapterConfig):
         positive_int("max_doublings", self.max_doublings)
         one_of("mode", self.mode, MODES)
         one_of("cov_dtype", self.cov_dtype, tuple(COV_DTYPES))
+        one_of("svd_dtype", self.svd_dtype, tuple(COV_DTYPES))
         if not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
         if not self.damp_init > 0 or not self.damp_growth > 1 or not self.inv_tol > 0:
@@ -118,12 +128,14 @@ def damped_inverse(cov: Tensor, config: CordaConfig, layer_name: str) -> tuple[T
 
 
 def decompose(weight: Tensor, cov: Tensor, r: int, config: CordaConfig, layer_name: str) -> Decomposition:
-    """Context-oriented SVD of one layer and selection of r components (float32, as PEFT)."""
-    fixed, inv, damp = damped_inverse(cov.float(), config, layer_name)
-    u, s, vh = torch.linalg.svd(weight.float() @ fixed, full_matrices=False)
+    """Context-oriented SVD of one layer and selection of r components (``config.svd_dtype``)."""
+    dtype = COV_DTYPES[config.svd_dtype]
+    fixed, inv, damp = damped_inverse(cov.to(dtype), config, layer_name)
+    u, s, vh = torch.linalg.svd(weight.to(dtype) @ fixed, full_matrices=False)
     v = (vh @ inv).T
     idx = slice(0, r) if config.mode == "ipm" else slice(s.shape[0] - r, s.shape[0])
-    return Decomposition(u[:, idx].contiguous(), s[idx].contiguous(), v[:, idx].contiguous(), damp)
+    picked = (u[:, idx], s[idx], v[:, idx])
+    return Decomposition(*(t.float().contiguous() for t in picked), damp)
 
 
 def check_rank(layer_name: str, r: int, weight: Tensor) -> None:

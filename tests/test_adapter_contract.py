@@ -117,7 +117,9 @@ def test_merge_matches_unmerged_and_unmerge_restores_weights(case: Case) -> None
     after = case.base_weights()
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-5)
-    assert_outputs_close(case.outputs(case.adapted), live, 1e-5)
+    # W + ΔW − ΔW rounds in float32; through MiniLM's 6 layers that reaches ~7e-5 of the output
+    # scale on some CPUs (seen for KORE), so the output check allows what the merge check allows
+    assert_outputs_close(case.outputs(case.adapted), live, 1e-4)
 
 
 def test_merge_and_unload_gives_plain_model_with_same_output(case: Case) -> None:
@@ -181,12 +183,14 @@ def test_second_adapter_switches_cleanly(case: Case) -> None:
     case.perturb()
     first = case.outputs(case.adapted)
     case.adapted.add_adapter("second", case.method, **case.options)
-    assert_outputs_close(case.outputs(case.adapted), first, 1e-5)  # added, not active yet
+    # methods that take a residual out of the base (KORE, CorDA, LaMDA) add it back while inactive:
+    # float32 rounding of the same size as in the merge check
+    assert_outputs_close(case.outputs(case.adapted), first, 1e-4)  # added, not active yet
     case.adapted.set_adapter("second")
     trainable_names = [n for n, _ in case.adapted.named_trainable_parameters()]
     assert trainable_names and all(".second." in n or "second" in n.split(".") for n in trainable_names)
     case.adapted.set_adapter("default")
-    assert_outputs_close(case.outputs(case.adapted), first, 1e-5)
+    assert_outputs_close(case.outputs(case.adapted), first, 1e-4)
 
 
 def test_wrapping_twice_with_the_same_name_fails(case: Case) -> None:

@@ -69,6 +69,24 @@ def test_layers_sharing_one_input_get_identical_covariance() -> None:
     torch.testing.assert_close(stats.sums["k"], alone.sums["k"], rtol=0, atol=0)
 
 
+def test_an_input_changed_in_place_after_a_layer_is_seen_as_it_was() -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.clone()
+            out = self.a(h)
+            h.mul_(3.0)  # same tensor object, new contents: b must see the tripled rows
+            return out + self.b(h)
+
+    x = torch.rand(5, 4) + 0.1
+    stats = calibrate(InPlace(), [x], ["a", "b"], normalize="none", progress=False)
+    torch.testing.assert_close(stats.sums["a"], x.T @ x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.sums["b"], 9 * x.T @ x, rtol=1e-6, atol=1e-5)
+
+
 def test_save_load_round_trip_and_shape_check(tmp_path) -> None:
     model = Tokens()
     stats = calibrate(model, [{"input_ids": torch.randint(0, 20, (2, 4))}], ["q", "up"], progress=False)
@@ -122,3 +140,12 @@ def test_bad_data_gives_clear_errors_and_never_leaves_hooks() -> None:
     assert all(not m._forward_hooks for m in model.modules()), "hooks removed after an error"
     with pytest.raises(TypeError, match="tensors, dicts"):
         calibrate(model, ["not a batch"], ["q"], progress=False)
+
+
+def test_unmasked_token_batches_count_one_call_per_sequence() -> None:
+    model = Tokens()
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(4))
+    batched = calibrate(model, [ids], ["q"], progress=False)
+    single = calibrate(model, [ids[i:i + 1] for i in range(3)], ["q"], progress=False)
+    assert batched.calls["q"] == single.calls["q"] == 3
+    torch.testing.assert_close(batched.covariance("q"), single.covariance("q"), rtol=1e-5, atol=1e-6)

@@ -114,6 +114,32 @@ def test_identity_covariance_gives_the_svd_split() -> None:
         assert rel(layer.adapters["default"].delta_weight(layer.base_layer), expected) < 1e-5
 
 
+def test_float64_decomposition_keeps_the_smallest_components_that_float32_loses() -> None:
+    """An ill-conditioned covariance (eigenvalues 1 ... 1e-6): KPM in float32 drifts, float64 agrees
+    with a hand-written float64 decomposition of the same damped covariance."""
+    torch.manual_seed(5)
+    d, r = 24, 3
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    cov = (q * torch.logspace(0, -6, d, dtype=torch.float64)) @ q.T
+    model = nn.Sequential(nn.Linear(d, 16))
+    stats = CovarianceStats({"0": cov.float()}, {"0": 1}, {"0": d})
+    c = cov.float().double()
+    fixed = c + torch.eye(d, dtype=torch.float64) * torch.diag(c).mean() * 0.01
+    w = model[0].weight.detach().double()
+    u, sv, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
+    expected = u[:, -r:] @ torch.diag(sv[-r:]) @ torch.linalg.solve(fixed, vh.T)[:, -r:].T
+    errors = {}
+    for dtype in ("float32", "float64"):
+        adapted = ll.wrap(copy.deepcopy(model), "corda", r=r, mode="kpm", target_modules=["0"], calibration=stats,
+                          svd_dtype=dtype)
+        layer = next(adapted.adapted_layers())
+        errors[dtype] = rel(layer.adapters["default"].delta_weight(layer.base_layer).double(), expected)
+        restored = layer.base_layer.weight + layer.adapters["default"].delta_weight(layer.base_layer)
+        torch.testing.assert_close(restored, model[0].weight, rtol=0, atol=1e-6)
+    assert errors["float64"] < 1e-5
+    assert errors["float32"] > 100 * errors["float64"]
+
+
 def test_saved_statistics_are_reused_without_recalibrating(tmp_path, monkeypatch) -> None:
     model, data = toy()
     direct = ll.wrap(copy.deepcopy(model), "corda", r=2, target_modules=["0", "2"], calibration=data, progress=False)
