@@ -6,7 +6,7 @@ One pass of user data through the model collects, for every targeted layer at on
 
 where ``X_j`` (T_j × in) are the layer's input rows of one sequence (padding rows dropped with the
 batch's ``attention_mask``), accumulated in float32 (or float64) through
-:func:`lifelong.kernels.cov_update_`. Two weightings (``shared/specs/corda.md`` §3.1, ``kore.md``
+:func:`lifelong.kernels.cov_product`. Two weightings (``shared/specs/corda.md`` §3.1, ``kore.md``
 §3.1, ``kernels.md`` §3.6):
 
 - ``normalize="max"`` (CorDA / KORE / PEFT parity): ``w_j = 1/|max(X_j)|²`` with the *signed* max
@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..files import atomic_write
-from ..kernels import cov_update_
+from ..kernels import cov_product
 
 NORMALIZATIONS = ("max", "none")
 COV_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -156,6 +156,7 @@ class _Collector:
         self.mask: Tensor | None = None
         self._last_input: Tensor | None = None
         self._last_version = -1
+        self._scratch: dict[tuple[int, torch.device], Tensor] = {}
         self._last_product: tuple[Tensor, int, int] | None = None
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in layers.items()]
         self.in_features = {name: layer_in_features(m) for name, m in layers.items()}
@@ -169,6 +170,7 @@ class _Collector:
             handle.remove()
         self.handles = []
         self._last_input, self._last_product = None, None
+        self._scratch = {}
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -206,8 +208,15 @@ class _Collector:
             seqs = seqs / sequence_scale(seqs, keep).unsqueeze(-1).unsqueeze(-1)
         rows = seqs[keep] if keep is not None else seqs.reshape(-1, d)
         n_seq = int(keep.any(dim=1).sum()) if keep is not None else seqs.shape[0]
-        product = cov_update_(torch.zeros(d, d, dtype=self.dtype, device=x.device), rows)
-        return product, n_seq, rows.shape[0]
+        return cov_product(rows, out=self._scratch_for(d, x.device)), n_seq, rows.shape[0]
+
+    def _scratch_for(self, d: int, device: torch.device) -> Tensor:
+        """One d×d product buffer per width, reused: the product lives only until the next
+        input's product (it is added to the sums at once, or reused by layers sharing the input)."""
+        key = (d, device)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(d, d, dtype=self.dtype, device=device)
+        return self._scratch[key]
 
     def _rows_kept(self, shape: torch.Size, device: torch.device) -> Tensor | None:
         """Boolean (sequences, positions) mask from the batch's attention mask, when it fits."""
@@ -221,13 +230,14 @@ class _Collector:
 
 def sequence_scale(seqs: Tensor, keep: Tensor | None) -> Tensor:
     """``|max(X_j)|`` per sequence (signed max over valid rows), guarded against zeros."""
+    # per-row extremes first (max is exact, so dropping padding rows afterwards changes nothing)
+    # and one pass over the activations instead of masked copies of them
+    row_min, row_max = torch.aminmax(seqs, dim=2)
+    row_abs = torch.maximum(row_max, -row_min)
     if keep is not None:
-        valid = keep.unsqueeze(-1)
-        signed = seqs.masked_fill(~valid, float("-inf")).amax(dim=(1, 2))
-        absmax = seqs.abs().masked_fill(~valid, 0.0).amax(dim=(1, 2))
-    else:
-        signed = seqs.amax(dim=(1, 2))
-        absmax = seqs.abs().amax(dim=(1, 2))
+        row_max = row_max.masked_fill(~keep, float("-inf"))
+        row_abs = row_abs.masked_fill(~keep, 0.0)
+    signed, absmax = row_max.amax(dim=1), row_abs.amax(dim=1)
     scale = signed.abs()
     scale = torch.where(scale > 0, scale, absmax)  # all entries <= 0: fall back to max|X|
     return torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero sequence adds nothing

@@ -8,7 +8,7 @@ the names exported here; :mod:`lifelong.kernels.reference` keeps the plain autog
 """
 
 from .bone import bone_linear
-from .covariance import CovState, cov_accumulate_, cov_finalize, cov_update_
+from .covariance import CovState, cov_accumulate_, cov_finalize, cov_product, cov_update_
 from .dispatch import BACKENDS, use_backend
 from .lamda import lamda_linear
 from .lora import lora_linear
@@ -23,6 +23,7 @@ __all__ = [
     "bone_linear",
     "cov_accumulate_",
     "cov_finalize",
+    "cov_product",
     "cov_update_",
     "lamda_linear",
     "lora_linear",

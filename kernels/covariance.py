@@ -154,6 +154,23 @@ def cov_finalize(state: CovState, *, normalize: str | None = "tokens", center: b
 
 
 @torch.no_grad()
+def cov_product(x: Tensor, *, out: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """``XᵀX`` (full symmetric, fp32 unless ``out`` says otherwise) for x of shape (tokens, d),
+    written over ``out`` when given: no zeroed accumulator to fill first."""
+    d = x.shape[-1]
+    if out is None:
+        out = torch.empty(d, d, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype, device=x.device)
+    if out.dim() != 2 or tuple(out.shape) != (d, d):
+        raise ValueError(f"cov_product: out {tuple(out.shape)} and x {tuple(x.shape)} do not chain: need out (d, d)")
+    x2 = x.reshape(-1, d)
+    chosen = dispatch.resolve(backend, "cov_update_", (x2,), (x2.shape[0], d, d, 1))
+    if chosen == "triton" and out.dtype == torch.float32 and out.stride(-1) == 1:
+        return cov_update_(out.zero_(), x2, backend="triton")
+    xc = x2.to(out.dtype)
+    return torch.mm(xc.t(), xc, out=out)
+
+
+@torch.no_grad()
 def cov_update_(cov: Tensor, x: Tensor, *, backend: str | None = None) -> Tensor:
     """In place ``C += XᵀX`` (full symmetric C, C's dtype) for x of shape (tokens, d); returns C."""
     if cov.dim() != 2 or cov.shape[0] != cov.shape[1] or x.shape[-1] != cov.shape[0]:

@@ -302,6 +302,18 @@ def test_cov_update_in_place() -> None:
         K.cov_update_(c, torch.zeros(3, 5))
 
 
+def test_cov_product_overwrites_out_and_matches_a_float64_product() -> None:
+    x = torch.randn(11, 5)
+    out = torch.full((5, 5), float("nan"))  # stale contents must not leak in
+    got = K.cov_product(x, out=out)
+    assert got is out
+    torch.testing.assert_close(out.double(), x.double().T @ x.double(), rtol=1e-6, atol=1e-6)
+    fresh = K.cov_product(x.double())
+    assert fresh.dtype == F64 and torch.allclose(fresh, x.double().T @ x.double(), atol=1e-12)
+    with pytest.raises(ValueError, match="do not chain"):
+        K.cov_product(x, out=torch.empty(4, 4))
+
+
 # ---- subspace projection -----------------------------------------------------------------------
 
 

@@ -283,6 +283,9 @@ else:
         K.cov_update_(full, x[0])
         xd = x[0].double()
         assert torch.allclose(full.double(), xd.T @ xd, rtol=1e-5, atol=1e-4 * d)
+        stale = torch.full((d, d), float("nan"))
+        K.cov_product(x[0], out=stale, backend="triton")
+        assert torch.allclose(stale.double(), xd.T @ xd, rtol=1e-5, atol=1e-4 * d)
 
     @pytest.mark.parametrize("method,kw", [("bone", {"r": 4}), ("lamda", {"r": 4}), ("ssf", {})])
     def test_adapters_same_output_any_backend(method: str, kw: dict) -> None:
