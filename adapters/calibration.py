@@ -162,7 +162,8 @@ class _Collector:
         self.in_features = {name: layer_in_features(m) for name, m in layers.items()}
 
     def start_batch(self, mask: Tensor | None) -> None:
-        self.mask = mask
+        # a mask without padding drops nothing: checked once per batch, so no hook pays for it
+        self.mask = mask.bool() if mask is not None and not bool(mask.all()) else None
         self._last_input, self._last_product = None, None
 
     def remove(self) -> None:
@@ -225,7 +226,7 @@ class _Collector:
         mask = self.mask.to(device=device)
         if tuple(mask.shape) != tuple(shape):
             return None  # e.g. a pooler input (batch, hidden): no padding positions there
-        return mask.bool()
+        return mask
 
 
 def sequence_scale(seqs: Tensor, keep: Tensor | None) -> Tensor:

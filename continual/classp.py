@@ -28,6 +28,7 @@ Avalanche may replace ``optimizer.state`` with a fresh dict.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -46,6 +47,7 @@ class CLASSP(torch.optim.Optimizer):
         defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power, apply_scaling=apply_scaling,
                         include_current=include_current, reference_compat=reference_compat)
         super().__init__(params, defaults)
+        self._plans: dict[int, _Plan] = {}
 
     def set_mode(self, **options) -> None:
         """Change group options for the following steps (e.g. ``apply_scaling`` at a task boundary)."""
@@ -66,59 +68,43 @@ class CLASSP(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"CLASSP.step: unknown override(s) {sorted(unknown)}; valid: {sorted(self.defaults)}")
         _validate(**{k: v for k, v in overrides.items() if k in ("lr", "threshold", "eps", "power")})
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             opts = {**group, **overrides} if overrides else group
             # frozen base weights (PEFT) sit in Avalanche's optimizer without grads
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("CLASSP does not support sparse gradients")
-            for same_kind in _by_device_and_dtype(params):
-                self._update(same_kind, opts)
+            if opts["reference_compat"]:  # its per-tensor test decides which tensors move at all
+                for p in params:
+                    if bool((p.grad * p.grad).any()) > opts["threshold"]:
+                        self._update_one(p, opts)
+                continue
+            plan = self._plan(index, params)
+            for flat in plan.flats:
+                flat.step(opts)
+            for p in plan.alone:
+                self._update_one(p, opts)
         return loss
 
-    def _update(self, params: list[torch.Tensor], o: dict) -> None:
-        """One step for tensors on one device with one dtype.
+    def _plan(self, group: int, params: list[torch.Tensor]) -> "_Plan":
+        """How this group's tensors are updated; rebuilt when the tensors with gradients change or
+        ``self.state`` was replaced (``load_state_dict``, Avalanche), so the sums always live in it."""
+        ids = tuple(map(id, params))
+        plan = self._plans.get(group)
+        if plan is None or plan.ids != ids or plan.state is not self.state:
+            small = [p for p in params if p.numel() < _FLAT_BELOW]
+            flats = [_Flat(same, self.state) for same in _by_device_and_dtype(small)]
+            plan = self._plans[group] = _Plan(ids, self.state, flats, [p for p in params if p.numel() >= _FLAT_BELOW])
+        return plan
 
-        Small tensors go through a few multi-tensor (foreach) calls at once: on small models the
-        per-call overhead, not the arithmetic, is the cost. Large tensors go one at a time, with
-        at most two temporaries alive: fresh multi-megabyte temporaries cost page faults that are
-        several times the arithmetic.
-        """
-        if o["reference_compat"]:
-            params = [p for p in params if bool((p.grad * p.grad).any()) > o["threshold"]]
-        small = [p for p in params if p.numel() < _BATCH_BELOW]
-        for chunk in ([small] if small else []) + [[p] for p in params if p.numel() >= _BATCH_BELOW]:
-            self._update_tensors(chunk, o)
-
-    def _update_tensors(self, params: list[torch.Tensor], o: dict) -> None:
-        sums = [self._grad_sum(p) for p in params]
-        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]  # fp32 math
-        if o["threshold"] > 0 and not o["reference_compat"]:
-            # 1[g² > τ] as sign(max(g² − τ, 0)): g² − τ is 0 exactly when g² = τ
-            mask = torch._foreach_mul(grads, grads)
-            torch._foreach_sub_(mask, o["threshold"])
-            torch._foreach_clamp_min_(mask, 0.0)
-            torch._foreach_sign_(mask)
-            grads = torch._foreach_mul(grads, mask)
-            del mask
-        increment = torch._foreach_abs(grads)  # |m·g| = m·|g| for a 0/1 mask
-        if o["power"] != 1.0 and not o["reference_compat"]:  # the released code adds |g| whatever p is
-            torch._foreach_pow_(increment, o["power"])
-        if not o["apply_scaling"]:
-            torch._foreach_add_(sums, increment)
-            _apply(params, grads, None, o["lr"])
-            return
-        if o["include_current"]:
-            torch._foreach_add_(sums, increment)
-            del increment  # freed before the denominator is allocated, so its memory is reused
-            denom = torch._foreach_add(sums, o["eps"])
+    def _update_one(self, p: torch.Tensor, o: dict) -> None:
+        g, denom = _rule(self._grad_sum(p), p.grad.float(), o)
+        if denom is None:
+            p.add_(g, alpha=-o["lr"])
+        elif p.dtype == torch.float32:
+            p.addcdiv_(g, denom, value=-o["lr"])
         else:
-            denom = torch._foreach_add(sums, o["eps"])
-            torch._foreach_add_(sums, increment)
-            del increment
-        if o["power"] != 1.0:
-            torch._foreach_pow_(denom, 1.0 / o["power"])
-        _apply(params, grads, denom, o["lr"])
+            p.add_(g.div_(denom), alpha=-o["lr"])
 
     def _grad_sum(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -135,7 +121,74 @@ class CLASSP(torch.optim.Optimizer):
         return total / sum(s.numel() for s in sums)
 
 
-_BATCH_BELOW = 1 << 16  # elements; larger tensors are updated one at a time (see CLASSP._update)
+_FLAT_BELOW = 1 << 16  # elements: smaller tensors share one flat accumulator (_Flat)
+
+
+class _Flat:
+    """Small tensors of one device and dtype updated as one flat float32 vector: on small models
+    the number of calls, not the arithmetic, is the cost, so the rule runs once for all of them.
+
+    ``state[p]["grad_sum"]`` of each tensor is a view of one flat accumulator (values copied in
+    from any loaded state); gradients are gathered into, and updates scattered from, one flat
+    work buffer through views made once.
+    """
+
+    def __init__(self, params: list[torch.Tensor], state: dict):
+        self.params = params
+        sizes = [p.numel() for p in params]
+        self.sums = torch.cat([state[p]["grad_sum"].reshape(-1).float() if "grad_sum" in state[p]
+                               else p.new_zeros(p.numel(), dtype=torch.float32) for p in params])
+        for p, view in zip(params, self.sums.split(sizes)):
+            state[p]["grad_sum"] = view.view_as(p)
+        self.work, self.denom = torch.empty_like(self.sums), torch.empty_like(self.sums)
+        self.work_views = [view.view_as(p) for p, view in zip(params, self.work.split(sizes))]
+        self.denom_views = [view.view_as(p) for p, view in zip(params, self.denom.split(sizes))]
+
+    def step(self, o: dict) -> None:
+        torch._foreach_copy_(self.work_views, [p.grad for p in self.params])
+        g, denom = _rule(self.sums, self.work, o, denom_out=self.denom)
+        if g is not self.work:
+            self.work.copy_(g)
+        if denom is None:
+            torch._foreach_add_(self.params, self.work_views, alpha=-o["lr"])
+        else:
+            torch._foreach_addcdiv_(self.params, self.work_views, self.denom_views, value=-o["lr"])
+
+
+@dataclass
+class _Plan:
+    ids: tuple[int, ...]
+    state: dict
+    flats: list[_Flat]
+    alone: list[torch.Tensor]
+
+
+def _rule(s: torch.Tensor, g: torch.Tensor, o: dict, denom_out: torch.Tensor | None = None,
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-element rule on one float32 tensor: adds this step's increment to ``s`` in place and
+    returns the masked gradient and the denominator ``(ε + S)^{1/p}`` (None without scaling;
+    written into ``denom_out`` when given).
+
+    At most two temporaries of g's size are alive at once: fresh multi-megabyte temporaries cost
+    page faults that exceed the arithmetic."""
+    if o["threshold"] > 0 and not o["reference_compat"]:
+        g = g * (g * g > o["threshold"])
+    increment = g.abs()  # |m·g| = m·|g| for a 0/1 mask
+    if o["power"] != 1.0 and not o["reference_compat"]:  # the released code adds |g| whatever p is
+        increment.pow_(o["power"])
+    if not o["apply_scaling"]:
+        s.add_(increment)
+        return g, None
+    if o["include_current"]:
+        s.add_(increment)
+        del increment  # freed before the denominator is allocated, so its memory is reused
+        denom = torch.add(s, o["eps"], out=denom_out)
+    else:
+        denom = torch.add(s, o["eps"], out=denom_out)
+        s.add_(increment)
+    if o["power"] != 1.0:
+        denom.pow_(1.0 / o["power"])
+    return g, denom
 
 
 def _by_device_and_dtype(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -143,19 +196,6 @@ def _by_device_and_dtype(params: list[torch.Tensor]) -> list[list[torch.Tensor]]
     for p in params:
         groups.setdefault((p.device, p.dtype), []).append(p)
     return list(groups.values())
-
-
-def _apply(params: list[torch.Tensor], grads: list[torch.Tensor], denom: list[torch.Tensor] | None,
-           lr: float) -> None:
-    """``w ← w − lr · g / denom`` (``denom`` None: plain SGD); float32 math, cast to w's dtype."""
-    if params[0].dtype == torch.float32:
-        if denom is None:
-            torch._foreach_add_(params, grads, alpha=-lr)
-        else:
-            torch._foreach_addcdiv_(params, grads, denom, value=-lr)
-        return
-    updates = grads if denom is None else torch._foreach_div(grads, denom)
-    torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params)], alpha=-lr)
 
 
 def _validate(**values) -> None:

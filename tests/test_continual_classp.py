@@ -130,6 +130,44 @@ def test_reference_compat_reproduces_the_quirks():
     assert threshold == 1.5 and all(torch.equal(p.detach(), rp) for p, (rp, _) in zip(_model().parameters(), ref))
 
 
+def _rule64(p, g, s, lr, threshold, eps, power, apply_scaling=True, include_current=True):
+    """The rule of classp.md §2 element by element, in float64."""
+    m = (g * g > threshold).double()
+    inc = m * g.abs() ** power
+    if not apply_scaling:
+        return p - lr * m * g, s + inc
+    denom = (eps + (s + inc if include_current else s)) ** (1 / power)
+    return p - lr * m * g / denom, s + inc
+
+
+@pytest.mark.parametrize("opts", [
+    {"threshold": 1e-4, "power": 1.0}, {"threshold": 0.0, "power": 2.0},
+    {"threshold": 1e-4, "power": 1.5, "include_current": False, "eps": 0.1}, {"threshold": 1e-4, "apply_scaling": False},
+])
+def test_flat_small_tensors_and_large_tensors_follow_the_rule(opts):
+    """Tensors below 65,536 elements share one flat accumulator, larger ones go alone: both paths
+    must give the rule's numbers, and the state must keep them through a state-dict round trip."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300, 300)), torch.nn.Parameter(torch.randn(7)),
+              torch.nn.Parameter(torch.randn(3, 4))]
+    opt = CLASSP(params, lr=0.05, **opts)
+    ref = [(p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64)) for p in params]
+    rule = {k: v for k, v in {"eps": 1e-5, "power": 1.0, **opts}.items() if k != "threshold"}
+    for step in range(3):
+        grads = [torch.randn_like(p) * 0.05 for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        if step == 2:  # a fresh optimizer from the saved state continues the same sums
+            state = copy.deepcopy(opt.state_dict())
+            opt = CLASSP(params, lr=0.05, **opts)
+            opt.load_state_dict(state)
+        opt.step()
+        ref = [_rule64(rp, g.double(), rs, 0.05, opts["threshold"], **rule) for (rp, rs), g in zip(ref, grads)]
+    for p, (rp, rs) in zip(params, ref):
+        torch.testing.assert_close(p.detach().double(), rp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["grad_sum"].double(), rs, rtol=1e-5, atol=1e-7)
+
+
 def test_bad_options():
     p = [torch.nn.Parameter(torch.ones(2))]
     with pytest.raises(ValueError, match="power"):
