@@ -99,21 +99,23 @@ def run_one(label, method, engine, options, lr, stream_name, stream, seed, epoch
     return row
 
 
-def step_overhead(width: int = 128, batch: int = BATCH, rounds: int = 15, steps: int = 200) -> dict[str, float]:
-    """Per-step time of Naive (SGD), MIGU (T=0.7, SGD) and CLASSP on an MLP 64-width-width-10,
-    in milliseconds: the three set-ups are built and warmed up once, then timed in interleaved
-    blocks of ``steps`` steps in the same process. Reported: the median time over rounds and,
-    as ``<kind>/naive``, the median of the per-round ratios (the machine's speed drifts)."""
-    import time
+def step_overhead(build, loss_of, rounds: int = 15, steps: int = 200, warmup: int = 20) -> dict[str, float]:
+    """Per-step time of Naive (SGD), MIGU (T=0.7, SGD) and CLASSP on ``build()``, in milliseconds:
+    the three set-ups are built and warmed up once, then timed in interleaved blocks of ``steps``
+    steps in the same process. Reported: the median time over rounds and, as ``<kind>/naive``,
+    the median of the per-round ratios (the machine's speed drifts).
 
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(batch, 64, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    Learning rate 0: every set-up then runs its forward and backward on the same weights, so the
+    difference is the method's own work. With a real step the weights drift apart and the cost of
+    the forward drifts with them (MiniLM's forward ran 10% slower after a few CLASSP steps at
+    lr 0.05, which is not CLASSP's overhead)."""
+    import time
 
     def setup(kind: str):
         torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
-        opt = lc.CLASSP(net.parameters(), lr=LR, threshold=0.0) if kind == "classp" else \
-            torch.optim.SGD(net.parameters(), lr=LR)
+        net = build()
+        opt = lc.CLASSP(net.parameters(), lr=0.0, threshold=0.0) if kind == "classp" else \
+            torch.optim.SGD(net.parameters(), lr=0.0)
         migu = lc.MIGU(mask_ratio=0.7, start_task=0).attach(net) if kind == "migu" else None
 
         def block(n: int) -> float:
@@ -121,7 +123,7 @@ def step_overhead(width: int = 128, batch: int = BATCH, rounds: int = 15, steps:
             t0 = time.thread_time()
             for _ in range(n):
                 opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(net(x), y).backward()
+                loss_of(net).backward()
                 if migu is not None:
                     migu.mask_gradients()
                 opt.step()
@@ -129,7 +131,7 @@ def step_overhead(width: int = 128, batch: int = BATCH, rounds: int = 15, steps:
                     migu.after_step()
             return 1000 * (time.thread_time() - t0) / n
 
-        block(20)  # warm-up: lazily created optimizer state, allocator, caches
+        block(warmup)  # lazily created optimizer state, allocator, caches
         return block
 
     blocks = {kind: setup(kind) for kind in ("naive", "migu", "classp")}
@@ -141,6 +143,26 @@ def step_overhead(width: int = 128, batch: int = BATCH, rounds: int = 15, steps:
     for kind in ("migu", "classp"):
         out[f"{kind}/naive"] = float(np.median(np.array(times[kind]) / np.array(times["naive"])))
     return out
+
+
+def overhead_rows() -> list[str]:
+    """The overhead table: the benchmark MLP, a wide MLP, and the real MiniLM (full fine-tuning)."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for width, batch in ((128, BATCH), (1024, 256)):
+        x, y = torch.rand(batch, 64, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        o = step_overhead(lambda: nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                                nn.Linear(width, 10)),
+                          lambda net: nn.functional.cross_entropy(net(x), y), rounds=15 if width == 128 else 7)
+        rows.append((f"MLP 64-{width}-{width}-10, batch {batch}", o))
+    from lifelong.models import load_minilm
+
+    ids = torch.randint(1000, 20000, (8, 128), generator=g)
+    o = step_overhead(lambda: load_minilm()[0].train(),
+                      lambda net: net(input_ids=ids).last_hidden_state[:, 0].pow(2).mean(), rounds=7, steps=3, warmup=1)
+    rows.append(("MiniLM (22.7M params, all 73 linears), 8 × 128 tokens", o))
+    return [f"| {name} | {o['naive']:.3f} | {o['migu']:.3f} ({o['migu/naive']:.2f}×) | {o['classp']:.3f} "
+            f"({o['classp/naive']:.2f}×) |" for name, o in rows]
 
 
 def fmt(values, pct=True) -> str:
@@ -195,12 +217,9 @@ def main() -> None:
                          f"{fmt([r['bwt'] for r in runs])} | {np.mean([r['wall_s'] for r in runs]):.1f} | "
                          f"{step:.2f} | {step / naive_step:.2f}× | {int(np.mean([r['memory'] for r in runs])):,} |")
         lines.append("")
-    lines += ["## Per-step overhead (same process, warmed up, interleaved blocks of 200 steps, 15 rounds; × = median per-round ratio)", "",
+    lines += ["## Per-step overhead (same process, warmed up, interleaved blocks; thread CPU time; × = median per-round ratio; MLPs 15 / 7 rounds of 200 steps, MiniLM 7 rounds of 3 steps)", "",
               "| model, batch | Naive ms | MIGU ms (×) | CLASSP ms (×) |", "|---|---|---|---|"]
-    for width, batch in ((128, BATCH), (1024, 256)):
-        o = step_overhead(width, batch)
-        lines.append(f"| MLP 64-{width}-{width}-10, {batch} | {o['naive']:.3f} | {o['migu']:.3f} "
-                     f"({o['migu/naive']:.2f}×) | {o['classp']:.3f} ({o['classp/naive']:.2f}×) |")
+    lines += overhead_rows()
     lines.append("")
     text = "\n".join(lines)
     print(text)

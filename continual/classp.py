@@ -48,6 +48,7 @@ class CLASSP(torch.optim.Optimizer):
                         include_current=include_current, reference_compat=reference_compat)
         super().__init__(params, defaults)
         self._plans: dict[int, _Plan] = {}
+        self._buffers: dict[torch.device, torch.Tensor] = {}
 
     def set_mode(self, **options) -> None:
         """Change group options for the following steps (e.g. ``apply_scaling`` at a task boundary)."""
@@ -98,13 +99,23 @@ class CLASSP(torch.optim.Optimizer):
         return plan
 
     def _update_one(self, p: torch.Tensor, o: dict) -> None:
-        g, denom = _rule(self._grad_sum(p), p.grad.float(), o)
+        masked, denom = self._scratch(p)
+        g, denom = _rule(self._grad_sum(p), p.grad.float(), o, masked, denom)
         if denom is None:
             p.add_(g, alpha=-o["lr"])
         elif p.dtype == torch.float32:
             p.addcdiv_(g, denom, value=-o["lr"])
         else:
-            p.add_(g.div_(denom), alpha=-o["lr"])
+            p.add_(torch.div(g, denom, out=denom), alpha=-o["lr"])
+
+    def _scratch(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two float32 work tensors shaped like ``p``, views of one buffer per device that grows to
+        the largest tensor: fresh temporaries of tens of megabytes cost page faults on every step
+        (measured on MiniLM: 3.5x the arithmetic of the rule)."""
+        buf = self._buffers.get(p.device)
+        if buf is None or buf.shape[1] < p.numel():
+            buf = self._buffers[p.device] = torch.empty(2, p.numel(), device=p.device, dtype=torch.float32)
+        return buf[0, :p.numel()].view_as(p), buf[1, :p.numel()].view_as(p)
 
     def _grad_sum(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -140,15 +151,17 @@ class _Flat:
                                else p.new_zeros(p.numel(), dtype=torch.float32) for p in params])
         for p, view in zip(params, self.sums.split(sizes)):
             state[p]["grad_sum"] = view.view_as(p)
-        self.work, self.denom = torch.empty_like(self.sums), torch.empty_like(self.sums)
+        self.work, self.masked, self.denom = (torch.empty_like(self.sums) for _ in range(3))
         self.work_views = [view.view_as(p) for p, view in zip(params, self.work.split(sizes))]
         self.denom_views = [view.view_as(p) for p, view in zip(params, self.denom.split(sizes))]
 
     def step(self, o: dict) -> None:
         torch._foreach_copy_(self.work_views, [p.grad for p in self.params])
-        g, denom = _rule(self.sums, self.work, o, denom_out=self.denom)
+        g, denom = _rule(self.sums, self.work, o, self.masked, self.denom)
         if g is not self.work:
             self.work.copy_(g)
+        if denom is not None and denom is not self.denom:
+            self.denom.copy_(denom)
         if denom is None:
             torch._foreach_add_(self.params, self.work_views, alpha=-o["lr"])
         else:
@@ -163,17 +176,18 @@ class _Plan:
     alone: list[torch.Tensor]
 
 
-def _rule(s: torch.Tensor, g: torch.Tensor, o: dict, denom_out: torch.Tensor | None = None,
+def _rule(s: torch.Tensor, g: torch.Tensor, o: dict, masked: torch.Tensor, work: torch.Tensor,
           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The per-element rule on one float32 tensor: adds this step's increment to ``s`` in place and
-    returns the masked gradient and the denominator ``(ε + S)^{1/p}`` (None without scaling;
-    written into ``denom_out`` when given).
+    returns the masked gradient and the denominator ``(ε + S)^{1/p}`` (None without scaling).
 
-    At most two temporaries of g's size are alive at once: fresh multi-megabyte temporaries cost
-    page faults that exceed the arithmetic."""
+    ``masked`` and ``work`` are scratch tensors shaped like ``g`` (not ``g`` itself) that receive
+    the masked gradient and the increment, then the denominator: no temporaries are allocated
+    (but for ``include_current=False``, which needs the old sum and the increment at once)."""
     if o["threshold"] > 0 and not o["reference_compat"]:
-        g = g * (g * g > o["threshold"])
-    increment = g.abs()  # |m·g| = m·|g| for a 0/1 mask
+        torch.mul(g, g, out=masked).gt_(o["threshold"]).mul_(g)  # 1[g² > τ] · g
+        g = masked
+    increment = torch.abs(g, out=work)  # |m·g| = m·|g| for a 0/1 mask
     if o["power"] != 1.0 and not o["reference_compat"]:  # the released code adds |g| whatever p is
         increment.pow_(o["power"])
     if not o["apply_scaling"]:
@@ -181,10 +195,9 @@ def _rule(s: torch.Tensor, g: torch.Tensor, o: dict, denom_out: torch.Tensor | N
         return g, None
     if o["include_current"]:
         s.add_(increment)
-        del increment  # freed before the denominator is allocated, so its memory is reused
-        denom = torch.add(s, o["eps"], out=denom_out)
+        denom = torch.add(s, o["eps"], out=work)
     else:
-        denom = torch.add(s, o["eps"], out=denom_out)
+        denom = s.add(o["eps"])
         s.add_(increment)
     if o["power"] != 1.0:
         denom.pow_(1.0 / o["power"])
