@@ -45,14 +45,24 @@ __all__ = ["MIGU", "migu_mask", "match_modules"]
 _NORMALIZE = ("none", "token")
 
 
+def dropped_rows(magnitudes: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """Indices of the ``⌊T·d⌋`` smallest entries of each row of ``magnitudes`` (rows, d): a stable
+    descending sort, so among equal magnitudes the lower index is kept."""
+    keep = magnitudes.shape[-1] - int(mask_ratio * magnitudes.shape[-1])
+    return torch.argsort(magnitudes, dim=-1, descending=True, stable=True)[..., keep:]
+
+
+def keep_mask(d_out: int, dropped: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Boolean mask over ``d_out`` rows, False at the ``dropped`` indices (None: keep all)."""
+    mask = torch.ones(d_out, dtype=torch.bool, device=device)
+    if dropped is not None:
+        mask[dropped] = False
+    return mask
+
+
 def migu_mask(magnitudes: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     """Boolean keep-mask: the ``d_out - ⌊T·d_out⌋`` largest magnitudes (stable; lower index wins ties)."""
-    d_out = magnitudes.numel()
-    keep = d_out - int(mask_ratio * d_out)
-    order = torch.sort(magnitudes, descending=True, stable=True).indices
-    mask = torch.zeros(d_out, dtype=torch.bool, device=magnitudes.device)
-    mask[order[:keep]] = True
-    return mask
+    return keep_mask(magnitudes.numel(), dropped_rows(magnitudes, mask_ratio), magnitudes.device)
 
 
 def match_modules(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
@@ -266,27 +276,17 @@ class MIGU:
             by_width.setdefault(m.numel(), []).append(key)
         dropped = {}
         for width, keys in by_width.items():
-            keep = width - int(self.mask_ratio * width)
-            if keep == width:
+            if int(self.mask_ratio * width) == 0:
                 continue
             mags = torch.stack([self._acc[k] for k in keys]) if len(keys) > 1 else self._acc[keys[0]].unsqueeze(0)
-            # stable descending sort: among equal magnitudes the lower index is kept
-            order = torch.argsort(mags, dim=1, descending=True, stable=True)[:, keep:]
-            dropped.update(zip(keys, order))
+            dropped.update(zip(keys, dropped_rows(mags, self.mask_ratio)))
         return dropped
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Keep-masks per target from the magnitudes accumulated so far (valid until ``after_step``)."""
         dropped = self._dropped_rows()
-        out = {}
-        for t in self.targets:
-            m = self._acc.get(t.key)
-            if m is not None:
-                keep = torch.ones(m.numel(), dtype=torch.bool, device=m.device)
-                if t.key in dropped:
-                    keep[dropped[t.key]] = False
-                out[t.name] = keep
-        return out
+        return {t.name: keep_mask(self._acc[t.key].numel(), dropped.get(t.key), self._acc[t.key].device)
+                for t in self.targets if t.key in self._acc}
 
     def mask_gradients(self) -> None:
         """Zero the gradient rows outside the top-k; call after backward, before clipping/step.

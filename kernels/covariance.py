@@ -155,8 +155,8 @@ def cov_finalize(state: CovState, *, normalize: str | None = "tokens", center: b
 
 @torch.no_grad()
 def cov_product(x: Tensor, *, out: Tensor | None = None, backend: str | None = None) -> Tensor:
-    """``XᵀX`` (full symmetric, fp32 unless ``out`` says otherwise) for x of shape (tokens, d),
-    written over ``out`` when given: no zeroed accumulator to fill first."""
+    """``XᵀX`` (full symmetric) for x of shape (tokens, d), in ``out``'s dtype when given (it is
+    overwritten: no zeroed accumulator to fill first), else float32 (float64 for float64 x)."""
     d = x.shape[-1]
     if out is None:
         out = torch.empty(d, d, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype, device=x.device)
