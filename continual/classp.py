@@ -99,19 +99,25 @@ class CLASSP(torch.optim.Optimizer):
         return plan
 
     def _update_one(self, p: torch.Tensor, o: dict) -> None:
-        masked, denom = self._scratch(p)
-        g, denom = _rule(self._grad_sum(p), p.grad.float(), o, masked, denom)
-        if denom is None:
-            p.add_(g, alpha=-o["lr"])
-        elif p.dtype == torch.float32:
-            p.addcdiv_(g, denom, value=-o["lr"])
+        s, grad = self._grad_sum(p), p.grad
+        if p.is_contiguous() and grad.is_contiguous() and s.is_contiguous():
+            pieces = zip(*(t.view(-1).split(_CHUNK) for t in (p, grad, s)))
         else:
-            p.add_(torch.div(g, denom, out=denom), alpha=-o["lr"])
+            pieces = [(p, grad, s)]
+        for p_piece, g_piece, s_piece in pieces:
+            masked, denom = self._scratch(p_piece)
+            g, denom = _rule(s_piece, g_piece.float(), o, masked, denom)
+            if denom is None:
+                p_piece.add_(g, alpha=-o["lr"])
+            elif p.dtype == torch.float32:
+                p_piece.addcdiv_(g, denom, value=-o["lr"])
+            else:
+                p_piece.add_(torch.div(g, denom, out=denom), alpha=-o["lr"])
 
     def _scratch(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two float32 work tensors shaped like ``p``, views of one buffer per device that grows to
-        the largest tensor: fresh temporaries of tens of megabytes cost page faults on every step
-        (measured on MiniLM: 3.5x the arithmetic of the rule)."""
+        the largest piece: fresh temporaries of megabytes cost page faults on every step (measured
+        on MiniLM: 3.5x the arithmetic of the rule)."""
         buf = self._buffers.get(p.device)
         if buf is None or buf.shape[1] < p.numel():
             buf = self._buffers[p.device] = torch.empty(2, p.numel(), device=p.device, dtype=torch.float32)
@@ -133,6 +139,10 @@ class CLASSP(torch.optim.Optimizer):
 
 
 _FLAT_BELOW = 1 << 16  # elements: smaller tensors share one flat accumulator (_Flat)
+# Larger tensors are updated in pieces of this many elements, so the scratch space is two pieces
+# rather than two copies of the largest tensor (MiniLM: 1 MB instead of 94 MB; the step time is
+# unchanged, 64 vs 66 ms).
+_CHUNK = 1 << 17
 
 
 class _Flat:

@@ -45,11 +45,11 @@ __all__ = ["MIGU", "migu_mask", "match_modules"]
 _NORMALIZE = ("none", "token")
 
 
-def dropped_rows(magnitudes: torch.Tensor, mask_ratio: float) -> torch.Tensor:
-    """Indices of the ``⌊T·d⌋`` smallest entries of each row of ``magnitudes`` (rows, d): a stable
+def dropped_rows(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` smallest entries of each row of ``magnitudes`` (rows, d): a stable
     descending sort, so among equal magnitudes the lower index is kept."""
-    keep = magnitudes.shape[-1] - int(mask_ratio * magnitudes.shape[-1])
-    return torch.argsort(magnitudes, dim=-1, descending=True, stable=True)[..., keep:]
+    d = magnitudes.shape[1]
+    return torch.argsort(magnitudes, dim=1, descending=True, stable=True)[:, d - count:]
 
 
 def keep_mask(d_out: int, dropped: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -62,7 +62,8 @@ def keep_mask(d_out: int, dropped: torch.Tensor | None, device: torch.device) ->
 
 def migu_mask(magnitudes: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     """Boolean keep-mask: the ``d_out - ⌊T·d_out⌋`` largest magnitudes (stable; lower index wins ties)."""
-    return keep_mask(magnitudes.numel(), dropped_rows(magnitudes, mask_ratio), magnitudes.device)
+    d = magnitudes.numel()
+    return keep_mask(d, dropped_rows(magnitudes.reshape(1, d), int(mask_ratio * d))[0], magnitudes.device)
 
 
 def match_modules(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
@@ -90,6 +91,26 @@ class _Target:
     @property
     def key(self) -> int:
         return id(self.weight) if self.from_input else id(self.source)
+
+
+@dataclass
+class _WidthGroup:
+    """The accumulators of one output width (and device at attach time): one float32 row per key,
+    allocated on first use and again if the model moves."""
+    width: int
+    masked: int  # ⌊T·width⌋
+    keys: list[int]
+    buffer: torch.Tensor | None = None
+
+
+def _width_groups(targets: list[_Target], mask_ratio: float) -> list[_WidthGroup]:
+    groups: dict[tuple, _WidthGroup] = {}
+    for t in targets:
+        width = t.weight.shape[0] if t.from_input else _out_features(t.source)
+        group = groups.setdefault((width, t.weight.device), _WidthGroup(width, int(mask_ratio * width), []))
+        if t.key not in group.keys:
+            group.keys.append(t.key)
+    return list(groups.values())
 
 
 def _is_wrapper(module: nn.Module) -> bool:
@@ -142,7 +163,9 @@ class MIGU:
         self.freeze_masked_updates = freeze_masked_updates
         self.targets: list[_Target] = []
         self.unmasked: list[str] = []
-        self._acc: dict[int, torch.Tensor] = {}
+        self._groups: list[_WidthGroup] = []
+        self._rows: dict[int, torch.Tensor] = {}  # accumulator key -> its row in a group buffer
+        self._seen: set[int] = set()  # keys with magnitudes from this step's forwards
         self._handles: list = []
         self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -220,6 +243,9 @@ class MIGU:
             extra = (f"; these adapter tensors cannot be attributed to output units: {self.unmasked}"
                      if self.unmasked else "")
             raise ValueError(f"MIGU: no trainable linear layer matches target_modules={self.target_modules!r}{extra}")
+        self._groups = _width_groups(self.targets, self.mask_ratio)
+        self._rows = {}
+        self._seen = set()
         sources: dict[int, tuple[nn.Module, list[_Target]]] = {}
         for t in self.targets:
             sources.setdefault(id(t.source), (t.source, []))[1].append(t)
@@ -227,19 +253,37 @@ class MIGU:
             down = [t for t in group if t.from_input]
             own = any(not t.from_input for t in group)
             self._handles.append(module.register_forward_hook(self._make_hook(id(module), own, down)))
-        self._acc = {}
         return self
 
+    def _row(self, key: int, device: torch.device) -> torch.Tensor:
+        """The float32 accumulator of ``key``: a row of its width group's buffer, so that one sort
+        per width ranks every layer of that width without stacking."""
+        row = self._rows.get(key)
+        if row is None or row.device != device:
+            group = next(g for g in self._groups if key in g.keys)
+            group.buffer = torch.zeros(len(group.keys), group.width, device=device)
+            self._rows.update(zip(group.keys, group.buffer))
+            self._seen.difference_update(group.keys)
+            row = self._rows[key]
+        return row
+
     def _add(self, key: int, out: torch.Tensor) -> None:
-        # abs is exact in any dtype; the sum accumulates in float32 so fp16 outputs cannot overflow
-        h = out.detach().abs()
-        if h.dim() != 2:
-            h = h.reshape(-1, h.shape[-1])
+        h = out.detach()
+        row = self._row(key, h.device)
+        if h.shape[-1] != row.numel():
+            raise RuntimeError(f"MIGU: a hooked layer produced {h.shape[-1]} output features, expected "
+                               f"{row.numel()} (the layer's out_features)")
+        h = h.abs()  # exact in any dtype; the sum accumulates in float32 so fp16 outputs cannot overflow
         if self.normalize == "token":
-            h = h / h.sum(dim=1, keepdim=True, dtype=torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
-        m = h.sum(dim=0, dtype=torch.float32)
-        acc = self._acc.get(key)
-        self._acc[key] = m if acc is None else acc.add_(m)
+            h = h / h.sum(dim=-1, keepdim=True, dtype=torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+        if h.dim() == 1:  # an unbatched forward
+            h = h.unsqueeze(0)
+        dims = tuple(range(h.dim() - 1))
+        if key in self._seen:
+            row.add_(h.sum(dim=dims, dtype=torch.float32))
+        else:  # the first forward of a step overwrites last step's values: no zeroing pass
+            torch.sum(h, dim=dims, dtype=torch.float32, out=row)
+            self._seen.add(key)
 
     def _make_hook(self, key: int, own: bool, down: list[_Target]):
         def hook(module, inputs, output):
@@ -258,35 +302,33 @@ class MIGU:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._acc = {}
+        self._rows = {}
+        self._seen = set()
 
     def magnitudes(self) -> dict[str, torch.Tensor]:
         """Accumulated magnitude vector per target name (for inspection and tests)."""
-        return {t.name: self._acc[t.key].clone() for t in self.targets if t.key in self._acc}
+        return {t.name: self._rows[t.key].clone() for t in self.targets if t.key in self._seen}
 
     def _dropped_rows(self) -> dict[int, torch.Tensor]:
-        """Indices of the ``⌊T·d_out⌋`` smallest magnitudes per accumulator key.
-
-        Accumulators of equal length are stacked and sorted in one call (a transformer has a
-        handful of distinct widths but dozens of layers): per-call overhead, not FLOPs, is what
-        this costs on small models.
-        """
-        by_width: dict[int, list[int]] = {}
-        for key, m in self._acc.items():
-            by_width.setdefault(m.numel(), []).append(key)
+        """Indices of the ``⌊T·d_out⌋`` smallest magnitudes per accumulator key seen this step:
+        one sort per output width (a transformer has a handful of widths but dozens of layers, and
+        per-call overhead, not FLOPs, is what this costs on small models)."""
         dropped = {}
-        for width, keys in by_width.items():
-            if int(self.mask_ratio * width) == 0:
+        for g in self._groups:
+            if g.masked == 0 or g.buffer is None:
                 continue
-            mags = torch.stack([self._acc[k] for k in keys]) if len(keys) > 1 else self._acc[keys[0]].unsqueeze(0)
-            dropped.update(zip(keys, dropped_rows(mags, self.mask_ratio)))
+            keys = [k for k in g.keys if k in self._seen]
+            if not keys:
+                continue
+            mags = g.buffer if len(keys) == len(g.keys) else torch.stack([self._rows[k] for k in keys])
+            dropped.update(zip(keys, dropped_rows(mags, g.masked)))
         return dropped
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Keep-masks per target from the magnitudes accumulated so far (valid until ``after_step``)."""
         dropped = self._dropped_rows()
-        return {t.name: keep_mask(self._acc[t.key].numel(), dropped.get(t.key), self._acc[t.key].device)
-                for t in self.targets if t.key in self._acc}
+        return {t.name: keep_mask(self._rows[t.key].numel(), dropped.get(t.key), self._rows[t.key].device)
+                for t in self.targets if t.key in self._seen}
 
     def mask_gradients(self) -> None:
         """Zero the gradient rows outside the top-k; call after backward, before clipping/step.
@@ -317,7 +359,7 @@ class MIGU:
             for param, rows, values in self._saved:
                 param[rows] = values
         self._saved = []
-        self._acc = {}
+        self._seen = set()
 
     # -- experience boundaries (native loop and bridges) -----------------------------------------
     def before_experience(self, model: nn.Module, index: int) -> None:

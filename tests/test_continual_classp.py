@@ -145,11 +145,14 @@ def _rule64(p, g, s, lr, threshold, eps, power, apply_scaling=True, include_curr
     {"threshold": 1e-4, "power": 1.5, "include_current": False, "eps": 0.1}, {"threshold": 1e-4, "apply_scaling": False},
 ])
 def test_flat_small_tensors_and_large_tensors_follow_the_rule(opts):
-    """Tensors below 65,536 elements share one flat accumulator, larger ones go alone: both paths
-    must give the rule's numbers, and the state must keep them through a state-dict round trip."""
+    """Tensors below 65,536 elements share one flat accumulator, larger ones go alone (in pieces of
+    131,072 elements when contiguous): every path must give the rule's numbers, and the state must
+    keep them through a state-dict round trip."""
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(300, 300)), torch.nn.Parameter(torch.randn(7)),
+    params = [torch.nn.Parameter(torch.randn(300, 300)), torch.nn.Parameter(torch.randn(400, 401)),
+              torch.nn.Parameter(torch.randn(401, 400).t()), torch.nn.Parameter(torch.randn(7)),
               torch.nn.Parameter(torch.randn(3, 4))]
+    assert not params[2].is_contiguous()
     opt = CLASSP(params, lr=0.05, **opts)
     ref = [(p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64)) for p in params]
     rule = {k: v for k, v in {"eps": 1e-5, "power": 1.0, **opts}.items() if k != "threshold"}

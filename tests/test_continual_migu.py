@@ -178,6 +178,18 @@ def test_accumulation_equals_big_batch():
     assert all(torch.equal(masks_a[k], masks_b[k]) for k in masks_b)
 
 
+def test_magnitudes_of_unbatched_and_3d_forwards_sum_over_every_row():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 5)
+    migu = MIGU(mask_ratio=0.4, start_task=0).attach(layer)
+    v, seq = torch.randn(3), torch.randn(2, 4, 3)
+    layer(v)
+    layer(seq)
+    with torch.no_grad():
+        expected = layer(v).abs() + layer(seq).abs().sum(dim=(0, 1))
+    torch.testing.assert_close(migu.magnitudes()[""], expected)
+
+
 def test_token_normalisation_option():
     layer = _known_layer([1.0, 2.0, 3.0])
     migu = MIGU(mask_ratio=0.0, normalize="token", start_task=0).attach(layer)
