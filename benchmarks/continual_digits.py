@@ -102,8 +102,9 @@ def run_one(label, method, engine, options, lr, stream_name, stream, seed, epoch
 def step_overhead(build, loss_of, rounds: int = 15, steps: int = 200, warmup: int = 20) -> dict[str, float]:
     """Per-step time of Naive (SGD), MIGU (T=0.7, SGD) and CLASSP on ``build()``, in milliseconds:
     the three set-ups are built and warmed up once, then timed in interleaved blocks of ``steps``
-    steps in the same process. Reported: the median time over rounds and, as ``<kind>/naive``,
-    the median of the per-round ratios (the machine's speed drifts).
+    steps in the same process. Reported: the median time over rounds, as ``<kind>/naive`` the
+    median of the per-round ratios (the machine's speed drifts), and as ``<kind>/calls`` the ATen
+    calls of one step.
 
     Learning rate 0: every set-up then runs its forward and backward on the same weights, so the
     difference is the method's own work. With a real step the weights drift apart and the cost of
@@ -135,14 +136,34 @@ def step_overhead(build, loss_of, rounds: int = 15, steps: int = 200, warmup: in
         return block
 
     blocks = {kind: setup(kind) for kind in ("naive", "migu", "classp")}
+    calls = {kind: aten_calls(lambda: block(1)) for kind, block in blocks.items()}
     times: dict[str, list[float]] = {kind: [] for kind in blocks}
     for _ in range(rounds):
         for kind, block in blocks.items():
             times[kind].append(block(steps))
     out = {k: float(np.median(v)) for k, v in times.items()}
+    out.update({f"{kind}/calls": float(n) for kind, n in calls.items()})
     for kind in ("migu", "classp"):
         out[f"{kind}/naive"] = float(np.median(np.array(times[kind]) / np.array(times["naive"])))
     return out
+
+
+def aten_calls(fn) -> int:
+    """How many ATen operator calls ``fn()`` makes, backward included: on small models each call,
+    not the arithmetic, is what a step costs (about 10 µs here), so this count explains the timings
+    on any machine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
 
 
 def overhead_rows() -> list[str]:
@@ -161,8 +182,9 @@ def overhead_rows() -> list[str]:
     o = step_overhead(lambda: load_minilm()[0].train(),
                       lambda net: net(input_ids=ids).last_hidden_state[:, 0].pow(2).mean(), rounds=7, steps=3, warmup=1)
     rows.append(("MiniLM (22.7M params, all 73 linears), 8 × 128 tokens", o))
-    return [f"| {name} | {o['naive']:.3f} | {o['migu']:.3f} ({o['migu/naive']:.2f}×) | {o['classp']:.3f} "
-            f"({o['classp/naive']:.2f}×) |" for name, o in rows]
+    return [f"| {name} | {o['naive']:.3f} ({o['naive/calls']:.0f}) | {o['migu']:.3f} ({o['migu/naive']:.2f}×, "
+            f"{o['migu/calls']:.0f}) | {o['classp']:.3f} ({o['classp/naive']:.2f}×, {o['classp/calls']:.0f}) |"
+            for name, o in rows]
 
 
 def fmt(values, pct=True) -> str:
@@ -218,7 +240,7 @@ def main() -> None:
                          f"{step:.2f} | {step / naive_step:.2f}× | {int(np.mean([r['memory'] for r in runs])):,} |")
         lines.append("")
     lines += ["## Per-step overhead (same process, warmed up, interleaved blocks; thread CPU time; × = median per-round ratio; MLPs 15 / 7 rounds of 200 steps, MiniLM 7 rounds of 3 steps)", "",
-              "| model, batch | Naive ms | MIGU ms (×) | CLASSP ms (×) |", "|---|---|---|---|"]
+              "| model, batch | Naive ms (ATen calls/step) | MIGU ms (×, calls) | CLASSP ms (×, calls) |", "|---|---|---|---|"]
     lines += overhead_rows()
     lines.append("")
     text = "\n".join(lines)

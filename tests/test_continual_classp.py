@@ -146,10 +146,10 @@ def _rule64(p, g, s, lr, threshold, eps, power, apply_scaling=True, include_curr
 ])
 def test_flat_small_tensors_and_large_tensors_follow_the_rule(opts):
     """Tensors below 65,536 elements share one flat accumulator, larger ones go alone (in pieces of
-    131,072 elements when contiguous): every path must give the rule's numbers, and the state must
+    1,048,576 elements when contiguous): every path must give the rule's numbers, and the state must
     keep them through a state-dict round trip."""
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(300, 300)), torch.nn.Parameter(torch.randn(400, 401)),
+    params = [torch.nn.Parameter(torch.randn(300, 300)), torch.nn.Parameter(torch.randn(1050, 1000)),
               torch.nn.Parameter(torch.randn(401, 400).t()), torch.nn.Parameter(torch.randn(7)),
               torch.nn.Parameter(torch.randn(3, 4))]
     assert not params[2].is_contiguous()
