@@ -267,8 +267,8 @@ class MIGU:
             row = self._rows[key]
         return row
 
-    def _add(self, key: int, out: torch.Tensor) -> None:
-        h = out.detach()
+    def _add(self, key: int, h: torch.Tensor) -> None:
+        """Add one forward's |output| column sums to ``key``'s row (called under ``no_grad``)."""
         row = self._row(key, h.device)
         if h.shape[-1] != row.numel():
             raise RuntimeError(f"MIGU: a hooked layer produced {h.shape[-1]} output features, expected "
@@ -290,12 +290,11 @@ class MIGU:
             # Evaluation forwards and no_grad generation must not pollute the magnitudes.
             if not (module.training and torch.is_grad_enabled()):
                 return
-            if own:
-                self._add(key, output[0] if isinstance(output, tuple) else output)
-            for t in down:  # raw down factor: its own output x Pᵀ (dropout not applied here)
-                with torch.no_grad():
-                    x = inputs[0].detach()
-                    self._add(t.key, torch.nn.functional.linear(x.to(t.weight.dtype), t.weight.detach()))
+            with torch.no_grad():  # cheaper than a detach() call per output
+                if own:
+                    self._add(key, output[0] if isinstance(output, tuple) else output)
+                for t in down:  # raw down factor: its own output x Pᵀ (dropout not applied here)
+                    self._add(t.key, torch.nn.functional.linear(inputs[0].to(t.weight.dtype), t.weight))
         return hook
 
     def detach(self) -> None:
