@@ -98,16 +98,15 @@ class _WidthGroup:
     """The accumulators of one output width (and device at attach time): one float32 row per key,
     allocated on first use and again if the model moves."""
     width: int
-    masked: int  # ⌊T·width⌋
     keys: list[int]
     buffer: torch.Tensor | None = None
 
 
-def _width_groups(targets: list[_Target], mask_ratio: float) -> list[_WidthGroup]:
+def _width_groups(targets: list[_Target]) -> list[_WidthGroup]:
     groups: dict[tuple, _WidthGroup] = {}
     for t in targets:
         width = t.weight.shape[0] if t.from_input else _out_features(t.source)
-        group = groups.setdefault((width, t.weight.device), _WidthGroup(width, int(mask_ratio * width), []))
+        group = groups.setdefault((width, t.weight.device), _WidthGroup(width, []))
         if t.key not in group.keys:
             group.keys.append(t.key)
     return list(groups.values())
@@ -243,7 +242,7 @@ class MIGU:
             extra = (f"; these adapter tensors cannot be attributed to output units: {self.unmasked}"
                      if self.unmasked else "")
             raise ValueError(f"MIGU: no trainable linear layer matches target_modules={self.target_modules!r}{extra}")
-        self._groups = _width_groups(self.targets, self.mask_ratio)
+        self._groups = _width_groups(self.targets)
         self._rows = {}
         self._seen = set()
         sources: dict[int, tuple[nn.Module, list[_Target]]] = {}
@@ -314,13 +313,14 @@ class MIGU:
         per-call overhead, not FLOPs, is what this costs on small models)."""
         dropped = {}
         for g in self._groups:
-            if g.masked == 0 or g.buffer is None:
+            masked = int(self.mask_ratio * g.width)
+            if masked == 0 or g.buffer is None:
                 continue
             keys = [k for k in g.keys if k in self._seen]
             if not keys:
                 continue
             mags = g.buffer if len(keys) == len(g.keys) else torch.stack([self._rows[k] for k in keys])
-            dropped.update(zip(keys, dropped_rows(mags, g.masked)))
+            dropped.update(zip(keys, dropped_rows(mags, masked)))
         return dropped
 
     def masks(self) -> dict[str, torch.Tensor]:
