@@ -382,3 +382,13 @@ def test_masked_non_finite_gradient_rows_become_zero():
     migu.mask_gradients()
     assert torch.equal(layer.weight.grad[:2], torch.zeros(2, 3))
     assert bool(torch.isfinite(layer.weight.grad).all())
+
+
+def test_mask_ratio_changed_after_attach_is_used_at_the_next_step():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 10)
+    migu = MIGU(mask_ratio=0.2, start_task=0).attach(layer)
+    layer(torch.randn(3, 4)).sum().backward()
+    assert int((~migu.masks()[""]).sum()) == 2
+    migu.mask_ratio = 0.7
+    assert int((~migu.masks()[""]).sum()) == 7
