@@ -166,20 +166,20 @@ class _Flat:
         for p, view in zip(params, self.sums.split(sizes)):
             state[p]["grad_sum"] = view.view_as(p)
         self.work, self.masked, self.denom = (torch.empty_like(self.sums) for _ in range(3))
-        self.work_views = [view.view_as(p) for p, view in zip(params, self.work.split(sizes))]
-        self.denom_views = [view.view_as(p) for p, view in zip(params, self.denom.split(sizes))]
+        # per-tensor views of each buffer, keyed by the buffer: the rule returns the masked
+        # gradient in ``masked`` when a threshold applies, in ``work`` otherwise
+        self.views = {id(buf): [view.view_as(p) for p, view in zip(params, buf.split(sizes))]
+                      for buf in (self.work, self.masked, self.denom)}
 
     def step(self, o: dict) -> None:
-        torch._foreach_copy_(self.work_views, [p.grad for p in self.params])
+        torch._foreach_copy_(self.views[id(self.work)], [p.grad for p in self.params])
         g, denom = _rule(self.sums, self.work, o, self.masked, self.denom)
-        if g is not self.work:
-            self.work.copy_(g)
-        if denom is not None and denom is not self.denom:
-            self.denom.copy_(denom)
         if denom is None:
-            torch._foreach_add_(self.params, self.work_views, alpha=-o["lr"])
-        else:
-            torch._foreach_addcdiv_(self.params, self.work_views, self.denom_views, value=-o["lr"])
+            torch._foreach_add_(self.params, self.views[id(g)], alpha=-o["lr"])
+            return
+        if denom is not self.denom:  # include_current=False computes it in a fresh tensor
+            self.denom.copy_(denom)
+        torch._foreach_addcdiv_(self.params, self.views[id(g)], self.views[id(self.denom)], value=-o["lr"])
 
 
 @dataclass
