@@ -11,6 +11,7 @@ import argparse
 import copy
 import runpy
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,16 +89,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"lifelong run: warning: {message}", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .experiment import ConfigError, load_config, run_experiment
 
-    try:
-        config = load_config(args.config, args.overrides)
-        output = args.output or Path("runs") / config["name"]
-        run_experiment(config, output, resume=args.resume, overwrite=args.overwrite)
-    except ConfigError as err:
-        print(f"lifelong run: {err}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning  # one line per warning, no source location
+        try:
+            config = load_config(args.config, args.overrides)
+            output = args.output or Path("runs") / config["name"]
+            run_experiment(config, output, resume=args.resume, overwrite=args.overwrite)
+        except ConfigError as err:
+            print(f"lifelong run: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:  # e.g. the disk filled up during the run
+            where = f" on {str(err.filename)!r}" if err.filename else ""
+            print(f"lifelong run: {err.strerror or err}{where}; finished cells are kept, "
+                  "rerun with --resume once the problem is fixed", file=sys.stderr)
+            return 1
     print(f"\nreport: {Path(output) / 'report.md'}")
     return 0
 

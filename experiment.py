@@ -4,27 +4,27 @@ A config describes either a continual stream (``kind: continual``: stream, model
 adapter, methods, seeds) or a federation (``kind: federated``: data, model, optional adapter,
 partition, participation, local steps, algorithms, seeds). Every (method, seed) pair is a *cell*;
 each finished cell is stored as JSON under ``cells/`` (and a running cell checkpoints beside it),
-so ``--resume`` never recomputes finished work. The report (``results.json``, ``report.md`` and
-PNG plots) is written from the cells at the end.
+so ``--resume`` never recomputes finished work; a cell file that is empty or corrupt (an
+interrupted copy, a full disk) is recomputed with a warning naming it. The output folder must be
+writable: that is checked before any work. The report (``results.json``, ``report.md`` and PNG
+plots, see ``lifelong.report``) is written from the cells at the end.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
-import math
-import platform
 import shutil
-import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from .files import atomic_write_text
+from .files import atomic_write_text, check_writable, fingerprint
+from .report import CorruptCell, load_cell, write_report
 
 COMMON_KEYS = {"kind", "name", "seeds", "model", "adapter"}
 SECTION_KEYS = {
@@ -34,11 +34,6 @@ SECTION_KEYS = {
 REQUIRED = {"continual": {"stream", "methods"}, "federated": {"algorithms"}}
 TRAINING_KEYS = {"epochs": int, "lr": float, "batch_size": int, "optimizer": str, "engine": str}
 FEDERATION_KEYS = {"num_workers": int, "steps": int, "batch_size": int, "eval_every": int, "max_concurrent": int}
-CONTINUAL_METRICS = ("acc", "forgetting", "bwt", "fwt", "wall_time_s")
-FEDERATED_METRICS = ("final_accuracy", "best_accuracy", "uplink_mb", "dropped_stale", "participation_gini", "wall_time_s")
-HIGHER_IS_BETTER = {"acc": True, "forgetting": False, "bwt": True, "fwt": True, "wall_time_s": False,
-                    "final_accuracy": True, "best_accuracy": True, "uplink_mb": False, "dropped_stale": False,
-                    "participation_gini": False}
 
 
 class ConfigError(ValueError):
@@ -295,17 +290,25 @@ def run_federated_cell(config: dict, cell: Cell, workdir: Path | None, progress:
 RUNNERS = {"continual": run_continual_cell, "federated": run_federated_cell}
 
 
-def fingerprint(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def prepare_output(output: Path, config: dict, resume: bool, overwrite: bool) -> None:
     """Refuse a folder holding another run unless asked to resume it (same config) or overwrite."""
     marker = output / "run.json"
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output {str(output)!r} exists and is not a folder")
+    try:
+        check_writable(output)
+    except OSError as err:
+        raise ConfigError(f"output {str(output)!r} is not writable ({err.strerror}); "
+                          "pick another --output") from err
     if marker.is_file():
-        previous = json.loads(marker.read_text())
+        try:
+            previous = json.loads(marker.read_text(encoding="utf-8"))
+            previous_fingerprint = previous["fingerprint"]
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
+            if not overwrite:
+                raise ConfigError(f"output {str(output)!r}: {marker.name} is empty or corrupt, so the run it "
+                                  "holds cannot be recognised; pass --overwrite to replace it") from err
+            previous_fingerprint = None
         if overwrite:
             for name in ("cells", "results.json", "report.md", "run.json"):
                 target = output / name
@@ -315,7 +318,7 @@ def prepare_output(output: Path, config: dict, resume: bool, overwrite: bool) ->
         elif not resume:
             raise ConfigError(f"output {str(output)!r} holds results of a run already; pass --resume to continue "
                               "it or --overwrite to replace it")
-        elif previous["fingerprint"] != fingerprint(config):
+        elif previous_fingerprint != fingerprint(config):
             raise ConfigError(f"--resume: output {str(output)!r} holds a run of another configuration; "
                               "use another --output or --overwrite")
     elif output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -335,50 +338,28 @@ def run_experiment(config: dict, output: str | Path, *, resume: bool = False, ov
     cells = cells_of(config)
     computed = 0
     bar = tqdm(cells, desc=config["name"], unit="cell", disable=not progress)
+    finished = []
     for cell in bar:
         path = output / "cells" / f"{cell.key}.json"
         if path.is_file():
-            continue
+            try:
+                record = load_cell(path)
+                if record["label"] != cell.label or record["seed"] != cell.seed:
+                    raise CorruptCell(f"cell file {str(path)!r} holds {record['label']!r} seed {record['seed']!r}")
+            except CorruptCell as err:
+                warnings.warn(f"{err}; recomputing cell {cell.key}", RuntimeWarning, stacklevel=2)
+            else:
+                finished.append(record)
+                continue
         if stop_after is not None and computed >= stop_after:
             raise KeyboardInterrupt(f"stopped after {computed} cells (stop_after)")
         bar.set_postfix_str(cell.key)
         workdir = output / "cells" / f"{cell.key}.work"
         workdir.mkdir(exist_ok=True)
         result = RUNNERS[config["kind"]](config, cell, workdir, progress=progress)
-        atomic_write_text(str(path), json.dumps({"label": cell.label, "seed": cell.seed, "result": result}, default=str))
+        record = {"label": cell.label, "seed": cell.seed, "result": result}
+        atomic_write_text(str(path), json.dumps(record, default=str))
+        finished.append(json.loads(json.dumps(record, default=str)))  # as a resumed run reads it back
         shutil.rmtree(workdir, ignore_errors=True)
         computed += 1
-    from .report import write_report
-
-    return write_report(output, config)
-
-
-def summarise(config: dict, cells: list[dict]) -> tuple[dict, dict]:
-    """Mean ± std per method and metric, and the best method per metric."""
-    metrics = CONTINUAL_METRICS if config["kind"] == "continual" else FEDERATED_METRICS
-    labels = [m["label"] for m in (config["methods"] if config["kind"] == "continual" else config["algorithms"])]
-    summary: dict[str, dict] = {}
-    for label in labels:
-        rows = [c["result"]["metrics"] for c in cells if c["label"] == label]
-        summary[label] = {}
-        for metric in metrics:
-            values = [r[metric] for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
-            summary[label][metric] = {
-                "mean": statistics.fmean(values) if values else None,
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
-                "n": len(values),
-            }
-    best = {}
-    for metric in metrics:
-        scored = [(s[metric]["mean"], label) for label, s in summary.items() if s[metric]["mean"] is not None]
-        if scored:
-            best[metric] = (max if HIGHER_IS_BETTER[metric] else min)(scored)[1]
-    return summary, best
-
-
-def versions() -> dict:
-    import torch
-
-    import lifelong
-
-    return {"lifelong": lifelong.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    return write_report(output, config, finished)

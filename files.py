@@ -1,12 +1,17 @@
-"""Atomic file writes: every file the library writes goes through a temporary file in the same
-folder and ``os.replace``, so a crash or a full disk never leaves a half-written result."""
+"""Files the library writes, and how it recognises them again.
+
+Atomic writes: every file the library writes goes through a temporary file in the same folder and
+``os.replace``, so a crash or a full disk never leaves a half-written result. ``fingerprint`` is the
+one hash of a configuration used by every checkpoint and output folder."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
@@ -29,3 +34,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def digest(data: bytes) -> str:
+    """A short (16 hex digits) SHA-256 content hash."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprint(config: Any) -> str:
+    """The fingerprint of a JSON-like configuration: a hash of its canonical JSON (sorted keys;
+    values JSON cannot hold are written with ``str``). Used to recognise the configuration that
+    wrote a checkpoint or an output folder."""
+    return digest(json.dumps(config, sort_keys=True, default=str).encode())
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create ``folder`` if needed and prove a file can be written in it; otherwise raise ``OSError``
+    whose ``strerror`` says why (read-only file system, no permission, ...) and whose ``filename``
+    is the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(folder)) from err

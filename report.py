@@ -7,16 +7,81 @@ atomically, so an interrupted run never leaves a report that looks complete.
 from __future__ import annotations
 
 import json
+import math
+import platform
+import statistics
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .files import atomic_write_text
-from .experiment import CONTINUAL_METRICS, FEDERATED_METRICS, summarise, versions
+
+CONTINUAL_METRICS = ("acc", "forgetting", "bwt", "fwt", "wall_time_s")
+FEDERATED_METRICS = ("final_accuracy", "best_accuracy", "uplink_mb", "dropped_stale", "participation_gini", "wall_time_s")
+HIGHER_IS_BETTER = {"acc": True, "forgetting": False, "bwt": True, "fwt": True, "wall_time_s": False,
+                    "final_accuracy": True, "best_accuracy": True, "uplink_mb": False, "dropped_stale": False,
+                    "participation_gini": False}
+
+
+def summarise(config: dict, cells: list[dict]) -> tuple[dict, dict]:
+    """Mean ± std per method and metric, and the best method per metric."""
+    metrics = CONTINUAL_METRICS if config["kind"] == "continual" else FEDERATED_METRICS
+    labels = [m["label"] for m in (config["methods"] if config["kind"] == "continual" else config["algorithms"])]
+    summary: dict[str, dict] = {}
+    for label in labels:
+        rows = [c["result"]["metrics"] for c in cells if c["label"] == label]
+        summary[label] = {}
+        for metric in metrics:
+            values = [r[metric] for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
+            summary[label][metric] = {
+                "mean": statistics.fmean(values) if values else None,
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
+                "n": len(values),
+            }
+    best = {}
+    for metric in metrics:
+        scored = [(s[metric]["mean"], label) for label, s in summary.items() if s[metric]["mean"] is not None]
+        if scored:
+            best[metric] = (max if HIGHER_IS_BETTER[metric] else min)(scored)[1]
+    return summary, best
+
+
+def versions() -> dict:
+    import torch
+
+    import lifelong
+
+    return {"lifelong": lifelong.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+class CorruptCell(ValueError):
+    """A cell file that is empty or does not hold a cell record."""
+
+
+def load_cell(path: Path) -> dict:
+    """A finished cell's record; ``CorruptCell`` naming the file when it is empty or corrupt (an
+    interrupted copy, a full disk)."""
+    try:
+        cell = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        empty = isinstance(err, json.JSONDecodeError) and not err.doc.strip()
+        raise CorruptCell(f"cell file {str(path)!r} " + ("is empty" if empty else f"cannot be read ({err})")) from err
+    if not (isinstance(cell, dict) and {"label", "seed", "result"} <= set(cell) and isinstance(cell["result"], dict)):
+        raise CorruptCell(f"cell file {str(path)!r} does not hold a cell record (label, seed, result)")
+    return cell
 
 
 def read_cells(output: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((output / "cells").glob("*.json"))]
+    """Every readable cell under ``<output>/cells``; temporary files of interrupted writes are
+    skipped and corrupt files are left out with a warning."""
+    cells = []
+    for path in sorted(p for p in (output / "cells").glob("*.json") if not p.name.startswith(".")):
+        try:
+            cells.append(load_cell(path))
+        except CorruptCell as err:
+            warnings.warn(f"{err}; leaving it out of the report", RuntimeWarning, stacklevel=2)
+    return cells
 
 
 def format_cell(stats: dict, metric: str) -> str:
@@ -72,14 +137,7 @@ def continual_plots(output: Path, config: dict, cells: list[dict]) -> list[str]:
     save_figure(fig, output / "accuracy_matrix.png")
     plt.close(fig)
     names.append("accuracy_matrix.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label in labels:
-        m = mean_matrix[label]
-        seen = [np.nanmean(m[i, : i + 1]) for i in range(m.shape[0])]
-        ax.plot(range(1, len(seen) + 1), seen, marker="o", label=label)
-    ax.set_xlabel("tasks trained")
-    ax.set_ylabel("mean accuracy on tasks seen")
-    ax.legend()
+    fig = accuracy_over_stream_figure(mean_matrix)
     save_figure(fig, output / "accuracy_over_stream.png")
     plt.close(fig)
     names.append("accuracy_over_stream.png")
@@ -95,11 +153,32 @@ def continual_plots(output: Path, config: dict, cells: list[dict]) -> list[str]:
     return names
 
 
+def accuracy_over_stream_figure(mean_matrix: dict[str, np.ndarray]):
+    """Mean accuracy on the tasks seen so far after each task, one line per method; the x-axis
+    counts tasks, so its ticks are integers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, m in mean_matrix.items():
+        seen = [np.nanmean(m[i, : i + 1]) for i in range(m.shape[0])]
+        ax.plot(range(1, len(seen) + 1), seen, marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("tasks trained")
+    ax.set_ylabel("mean accuracy on tasks seen")
+    ax.legend()
+    return fig
+
+
 def federated_plots(output: Path, config: dict, cells: list[dict]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     labels = [m["label"] for m in config["algorithms"]]
     first_seed = config["seeds"][0]
@@ -112,6 +191,8 @@ def federated_plots(output: Path, config: dict, cells: list[dict]) -> list[str]:
             history = [h for h in runs[label]["history"] if h.get("accuracy") is not None]
             xs = [h[x_key] / (2**20 if x_key == "uplink_bytes" else 1) for h in history]
             ax.plot(xs, [h["accuracy"] for h in history], label=label)
+        if x_key == "step":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(x_label)
         ax.set_ylabel("test accuracy")
         ax.legend()
@@ -124,6 +205,7 @@ def federated_plots(output: Path, config: dict, cells: list[dict]) -> list[str]:
         if hist:
             ax.bar(np.array(sorted(hist)) + 0.15 * labels.index(label), [hist[k] for k in sorted(hist)],
                    width=0.15, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("staleness τ of consumed updates")
     ax.set_ylabel("count")
     ax.legend()
@@ -133,8 +215,10 @@ def federated_plots(output: Path, config: dict, cells: list[dict]) -> list[str]:
     return names
 
 
-def write_report(output: Path, config: dict) -> dict:
-    cells = read_cells(output)
+def write_report(output: Path, config: dict, cells: list[dict] | None = None) -> dict:
+    """Write ``results.json``, ``report.md`` and the plots from ``cells`` (default: read them from
+    ``<output>/cells``)."""
+    cells = read_cells(output) if cells is None else cells
     summary, best = summarise(config, cells)
     metrics = CONTINUAL_METRICS if config["kind"] == "continual" else FEDERATED_METRICS
     plots = (continual_plots if config["kind"] == "continual" else federated_plots)(output, config, cells)
