@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .common import (apply_dropout, as_grad, base_needs_grad, check_dropout, check_linear, check_shape, dropout_mask,
-                     flatten_input)
+from .common import (apply_dropout, as_grad, autocast_cast, autocast_dtype, base_needs_grad, check_dropout, check_linear,
+                     check_shape, dropout_mask, flatten_input, outside_autocast)
 from .lora import dy_products, lowrank_forward
 from .reference import bat_delta, shard_sum
 
@@ -70,8 +70,13 @@ def bone_linear(
     mini_r: int | None = None, dropout_p: float = 0.0, seed: int | None = None, backend: str | None = None,
 ) -> Tensor:
     """Bone/MiSS layer output. ``block``: D (r, out) for ``bone``; Dm (r, mini_r) for ``mini``;
-    T (out/r, r, r) for ``bat``. Output in x's dtype."""
+    T (out/r, r, r) for ``bat``. Output in x's dtype (the autocast dtype under ``torch.autocast``)."""
     op = "bone_linear"
+    amp = autocast_dtype(x)
+    if amp is not None:
+        x, weight, bias = autocast_cast(amp, x, weight, bias)
+        return outside_autocast(x, lambda: bone_linear(x, weight, bias, block, r=r, variant=variant, mini_r=mini_r,
+                                                       dropout_p=dropout_p, seed=seed, backend=backend))
     if variant not in VARIANTS:
         raise ValueError(f"{op}: variant must be one of {VARIANTS}, got {variant!r}")
     out_f, in_f = check_linear(op, x, weight, bias)

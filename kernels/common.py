@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def flatten_input(op: str, x: Tensor, in_features: int) -> Tensor:
@@ -77,3 +81,29 @@ def base_needs_grad(weight: Tensor, bias: Tensor | None) -> bool:
 def as_grad(g: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A parameter's gradient in the parameter's own dtype."""
     return None if g is None else g.to(dtype)
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a linear layer in for ``x``'s device, or None outside it."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def autocast_cast(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Cast as autocast casts a linear layer's operands: floating tensors except float64."""
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
+def outside_autocast(x: Tensor, fn: Callable[[], T]) -> T:
+    """Run ``fn`` with autocast off on x's device.
+
+    The hand-written backward passes run outside any autocast region, so an op that let autocast
+    pick dtypes inside its forward would save operands its backward cannot multiply (a bf16
+    gradient against an fp32 weight). Ops therefore cast their operands once at entry, as autocast
+    would for ``F.linear``, and run the whole Function in that one dtype.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return fn()

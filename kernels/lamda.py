@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .common import (apply_dropout, as_grad, base_needs_grad, check_dropout, check_linear, check_shape, dropout_mask,
-                     flatten_input, scale_vector)
+from .common import (apply_dropout, as_grad, autocast_cast, autocast_dtype, base_needs_grad, check_dropout, check_linear,
+                     check_shape, dropout_mask, flatten_input, outside_autocast, scale_vector)
 from .lora import dy_products, lowrank_dx, lowrank_forward
 
 
@@ -60,8 +60,14 @@ def lamda_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_s: Tensor, lora_b: Tensor,
     scale: float | Tensor, *, dropout_p: float = 0.0, seed: int | None = None, backend: str | None = None,
 ) -> Tensor:
-    """``y = x Wᵀ + b + scale · ((dropout(x) Aᵀ) Sᵀ) Bᵀ``; A: (r, in), S: (r, r), B: (out, r)."""
+    """``y = x Wᵀ + b + scale · ((dropout(x) Aᵀ) Sᵀ) Bᵀ``; A: (r, in), S: (r, r), B: (out, r).
+    Under ``torch.autocast`` x, W and b are cast to the autocast dtype first, as for ``F.linear``."""
     op = "lamda_linear"
+    amp = autocast_dtype(x)
+    if amp is not None:
+        x, weight, bias = autocast_cast(amp, x, weight, bias)
+        return outside_autocast(x, lambda: lamda_linear(x, weight, bias, lora_a, lora_s, lora_b, scale,
+                                                        dropout_p=dropout_p, seed=seed, backend=backend))
     out_f, in_f = check_linear(op, x, weight, bias)
     if lora_a.dim() != 2 or lora_a.shape[1] != in_f:
         raise ValueError(f"{op}: lora_a has shape {tuple(lora_a.shape)}, expected (r, {in_f}) to chain with "

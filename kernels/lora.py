@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .common import (apply_dropout, as_grad, base_needs_grad, check_dropout, check_linear, check_shape, dropout_mask,
-                     flatten_input, scale_vector)
+from .common import (apply_dropout, as_grad, autocast_cast, autocast_dtype, base_needs_grad, check_dropout, check_linear,
+                     check_shape, dropout_mask, flatten_input, outside_autocast, scale_vector)
 
 
 def lowrank_forward(backend: str, x2: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, b_t: Tensor,
@@ -103,8 +103,14 @@ def lora_linear(
     ``backend``: ``"auto"`` (default: see :mod:`lifelong.kernels.dispatch`), ``"torch"``,
     ``"composite"`` or ``"triton"``. ``seed`` fixes the dropout mask. Output in x's dtype; A and B
     may be stored in another dtype (they are cast to x's, their grads come back in their own).
+    Under ``torch.autocast`` x, W and b are cast to the autocast dtype first, as for ``F.linear``.
     """
     op = "lora_linear"
+    amp = autocast_dtype(x)
+    if amp is not None:
+        x, weight, bias = autocast_cast(amp, x, weight, bias)
+        return outside_autocast(x, lambda: lora_linear(x, weight, bias, lora_a, lora_b, scale, s_vec=s_vec,
+                                                       dropout_p=dropout_p, seed=seed, backend=backend))
     out_f, in_f = check_linear(op, x, weight, bias)
     if lora_a.dim() != 2 or lora_a.shape[1] != in_f:
         raise ValueError(f"{op}: lora_a has shape {tuple(lora_a.shape)}, expected (r, {in_f}) to chain with "

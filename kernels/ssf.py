@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .common import as_grad, base_needs_grad, check_linear, check_shape, flatten_input
+from .common import (as_grad, autocast_cast, autocast_dtype, base_needs_grad, check_linear, check_shape, flatten_input,
+                     outside_autocast)
 
 SAVE_MODES = ("z", "recompute")
 
@@ -81,8 +82,13 @@ def ssf_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor, *, save: str = "z",
     backend: str | None = None,
 ) -> Tensor:
-    """``y = γ ⊙ (x Wᵀ + b) + β`` with γ, β of shape (out,) in x's dtype."""
+    """``y = γ ⊙ (x Wᵀ + b) + β`` with γ, β of shape (out,) in x's dtype. Under ``torch.autocast``
+    every operand is cast to the autocast dtype first (γ and β get their gradients back in theirs)."""
     op = "ssf_linear"
+    amp = autocast_dtype(x)
+    if amp is not None:
+        x, weight, bias, gamma, beta = autocast_cast(amp, x, weight, bias, gamma, beta)
+        return outside_autocast(x, lambda: ssf_linear(x, weight, bias, gamma, beta, save=save, backend=backend))
     out_f, in_f = check_linear(op, x, weight, bias)
     if save not in SAVE_MODES:
         raise ValueError(f"{op}: save must be one of {SAVE_MODES}, got {save!r}")
