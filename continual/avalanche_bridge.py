@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from .kcl import KCL
 from .migu import MIGU
 from .powerlaw_replay import PowerLawReplay
-from .runner import _make_optimizer, _trainable, experience_seed, restrict_logits
+from .loop import experience_seed, make_optimizer, restrict_logits, set_candidates, trainable
 from .streams import experience_classes
 
 __all__ = ["MIGUPlugin", "PowerLawReplayPlugin", "TaskMaskPlugin", "KCLStrategy", "make_strategy", "AvalancheEngine"]
@@ -61,7 +61,7 @@ class MIGUPlugin(SupervisedPlugin):
         self.migu.after_step()
 
     def after_training_exp(self, strategy, **kwargs):
-        self.migu.after_experience()
+        self.migu.detach()
 
 
 class PowerLawReplayPlugin(SupervisedPlugin):
@@ -87,9 +87,9 @@ class PowerLawReplayPlugin(SupervisedPlugin):
         self.datasets.append(ds)
         self.env.remember(len(ds))
 
-    def restore(self, past_datasets: list) -> None:
+    def restore(self, experiences: list) -> None:
         """Re-attach the datasets of finished experiences (after loading the environment's state)."""
-        self.datasets = [d.train() for d in past_datasets]
+        self.datasets = [e.dataset.train() for e in experiences[: len(self.env.past_sizes)]]
 
 
 class TaskMaskPlugin(SupervisedPlugin):
@@ -200,35 +200,32 @@ def make_strategy(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
 class AvalancheEngine:
     """Runs one experience at a time through an Avalanche strategy (used by ``run_stream``)."""
 
-    def __init__(self, model, name, method_obj, method_options, optimizer, lr, epochs, batch_size,
-                 eval_batch_size, device, criterion, masks, train_exps, seed):
-        self.model, self.name, self.method, self.seed = model, name, method_obj, seed
+    def __init__(self, model, method, optimizer, lr, epochs, batch_size, eval_batch_size, device, criterion, masks,
+                 train_exps, seed):
+        self.model, self.method, self.name, self.seed = model, method, method.name, seed
+        self.masks = masks
         self.timer = _StepTimer()
         plugins: list = [self.timer]
         if masks is not None:
             plugins.insert(0, TaskMaskPlugin(masks))
-        self.kernel = isinstance(method_obj, KCL)
+        self.kernel = method.owns_loop
         if self.kernel:
             num_classes = max(max(experience_classes(e)) for e in train_exps) + 1
-            self.strategy = KCLStrategy(model, method_obj, num_classes, train_exps[0].dataset[0][0], lr=lr,
+            self.strategy = KCLStrategy(model, method, num_classes, train_exps[0].dataset[0][0], lr=lr,
                                         train_mb_size=batch_size, train_epochs=epochs, eval_mb_size=eval_batch_size,
                                         device=device, plugins=plugins, seed=seed, n_tasks=len(train_exps))
             return
-        if isinstance(method_obj, MIGU):
-            plugins.insert(0, MIGUPlugin(method_obj))
-        elif isinstance(method_obj, PowerLawReplay):
-            self.replay = PowerLawReplayPlugin(method_obj)
-            plugins.insert(0, self.replay)
-        opts = method_options if name == "classp" else {}
-        opt = _make_optimizer(optimizer, name, _trainable(model), lr, opts)
-        strategy_name = name if name not in ("migu", "classp", "powerlaw") else "naive"
-        strategy_opts = method_options if strategy_name == name and name != "naive" else {}
-        self.strategy = make_strategy(strategy_name, model, opt, criterion=criterion, train_mb_size=batch_size,
+        self.plugin = method.avalanche_plugin()
+        if self.plugin is not None:
+            plugins.insert(0, self.plugin)
+        opt = make_optimizer(optimizer, trainable(model), lr, method)
+        self.strategy = make_strategy(method.strategy, model, opt, criterion=criterion, train_mb_size=batch_size,
                                       train_epochs=epochs, eval_mb_size=eval_batch_size, device=device,
-                                      plugins=plugins, options=strategy_opts)
+                                      plugins=plugins, options=method.config() if not method.native else {})
 
     def train_experience(self, i: int, train_exps: list) -> tuple[int, float]:
         steps, seconds = self.timer.steps, self.timer.seconds
+        set_candidates(self.model, train_exps, self.masks, seen=i)
         self.strategy.train(train_exps[i])
         self.model.eval()
         return self.timer.steps - steps, self.timer.seconds - seconds
@@ -238,46 +235,38 @@ class AvalancheEngine:
         if self.kernel:
             return self.method.predict(self.model, x, j)
         self.model.eval()
+        set_candidates(self.model, None, self.masks, task=j)
         return self.model(x)
 
     def state_dict(self) -> dict:
-        state = {"model": self.model.state_dict(), "optimizer": self.strategy.optimizer.state_dict()}
-        if self.kernel:
-            state["method"] = self.method.state_dict()
-        elif isinstance(self.method, PowerLawReplay):
-            state["method"] = self.method.state_dict()
-        return state
+        return {"model": self.model.state_dict(), "optimizer": self.strategy.optimizer.state_dict(),
+                "method": self.method.state_dict()}
 
     def load_state_dict(self, state: dict, train_exps: list | None = None) -> None:
         if self.name not in RESUMABLE:
             raise ValueError(f"resume is not supported for the Avalanche baseline {self.name!r} (its plugin state "
                              f"is not serialisable without pickle); resumable: {', '.join(RESUMABLE)}")
         self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
         if self.kernel:
-            self.method.load_state_dict(state["method"])
             return
         # Register the parameters the way Avalanche's first make_optimizer would, then restore the state,
         # so the next experience keeps it (CLASSP's accumulator is its memory).
         self.strategy.optimized_param_id = update_optimizer(self.strategy.optimizer, dict(self.model.named_parameters()),
                                                             None, reset_state=True)
         self.strategy.optimizer.load_state_dict(state["optimizer"])
-        if isinstance(self.method, PowerLawReplay):
-            self.method.load_state_dict(state["method"])
-            done = len(self.method.past_sizes)
-            self.replay.restore([e.dataset for e in train_exps[:done]])
+        restore = getattr(self.plugin, "restore", None)
+        if restore is not None:
+            restore(train_exps)
 
     def trainable_parameters(self) -> int:
         n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return n + (self.method.extra_trainable_parameters() if self.kernel else 0)
 
     def memory(self) -> dict:
-        if self.kernel:
-            return self.method.memory()
-        if isinstance(self.method, PowerLawReplay):
-            return {"replay_samples": self.method.memory_samples()}
         if self.name == "replay":
             return {"replay_samples": _replay_size(self.strategy)}
-        return {}
+        return self.method.memory()
 
 
 def _replay_size(strategy) -> int:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .method import ContinualMethod
+
 __all__ = ["CLASSP"]
 
 
@@ -234,3 +236,28 @@ def _validate(**values) -> None:
         raise ValueError(f"CLASSP: eps must be >= 0, got {values['eps']}")
     if "power" in values and not values["power"] > 0:
         raise ValueError(f"CLASSP: power must be > 0, got {values['power']}")
+
+
+class ClasspMethod(ContinualMethod):
+    """CLASSP as a continual method for the training loops: it only supplies the optimizer.
+
+    The accumulated squared gradients are the method's memory, so the loops keep one optimizer
+    across experiences (never reset its state between tasks)."""
+
+    name = "classp"
+
+    OPTIONS = ("threshold", "eps", "power", "apply_scaling", "include_current", "reference_compat")
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"classp: unknown option(s) {unknown}; valid: {', '.join(self.OPTIONS)}")
+        _validate(**options)
+        self.options = options
+
+    def config(self) -> dict:
+        return dict(self.options)
+
+    def make_optimizer(self, params: list, lr: float) -> CLASSP:
+        return CLASSP(params, lr=lr, **self.options)
+

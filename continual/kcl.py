@@ -36,6 +36,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
+from .method import ContinualMethod
+
 __all__ = ["KCL", "kernel_matrix", "krr_logits"]
 
 KERNELS = ("linear", "rbf", "laplacian_l1", "poly", "vrf")
@@ -106,10 +108,11 @@ def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1).sum(-1)
 
 
-class KCL(nn.Module):
+class KCL(nn.Module, ContinualMethod):
     """Kernel continual learning with a stored coreset; the user's model is the feature extractor."""
 
     name = "kcl"
+    owns_loop = True
 
     def __init__(self, kernel: str = "linear", samples_per_class: int = 20, lambda_init: float = 0.1,
                  gamma_init: float = 1.0, beta_init: float = 0.0, feature_norm: str = "l2",

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .method import ContinualMethod
+
 __all__ = ["MIGU", "migu_mask", "match_modules"]
 
 _NORMALIZE = ("none", "token")
@@ -130,7 +132,7 @@ def _tied_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
-class MIGU:
+class MIGU(ContinualMethod):
     """Gradient masking by output magnitude; attach to a model, call the three step hooks.
 
     Args:
@@ -365,5 +367,16 @@ class MIGU:
         if index >= self.start_task:
             self.attach(model)
 
-    def after_experience(self) -> None:
+    def after_backward(self) -> None:
+        self.mask_gradients()
+
+    def after_update(self) -> None:
+        self.after_step()
+
+    def after_experience(self, index: int | None = None, experiences: list | None = None) -> None:
         self.detach()
+
+    def avalanche_plugin(self):
+        from .avalanche_bridge import MIGUPlugin
+
+        return MIGUPlugin(self)

@@ -27,6 +27,9 @@ import warnings
 
 import numpy as np
 import torch
+from torch.utils.data import ConcatDataset, Subset
+
+from .method import ContinualMethod
 
 __all__ = ["PowerLawReplay", "rehearsal_weights", "rehearsal_schedule", "largest_remainder"]
 
@@ -113,7 +116,7 @@ def rehearsal_schedule(n_new, kind: str = "powerlaw", alpha: float = 1.0, offset
     return f
 
 
-class PowerLawReplay:
+class PowerLawReplay(ContinualMethod):
     """Rehearsal environment over past tasks: which samples of each old task go into each phase.
 
     Framework-free: it sees datasets only through their lengths and returns index arrays; the native
@@ -199,6 +202,25 @@ class PowerLawReplay:
     def memory_samples(self) -> int:
         """Samples held for rehearsal (all past data: the environment re-exposes from it)."""
         return int(sum(self.past_sizes)) if self.kind != "none" else 0
+
+    # -- the method protocol (native loop) -------------------------------------------------------
+    def train_dataset(self, index: int, experiences: list):
+        """Experience ``index``'s data followed by this phase's samples of every earlier experience."""
+        current = experiences[index].dataset
+        picks = self.phase_indices(index, len(current)) if index > 0 else {}
+        parts = [current] + [Subset(experiences[j].dataset, idx.tolist()) for j, idx in sorted(picks.items())]
+        return ConcatDataset(parts) if len(parts) > 1 else current
+
+    def after_experience(self, index: int | None = None, experiences: list | None = None) -> None:
+        self.remember(len(experiences[index].dataset))
+
+    def memory(self) -> dict:
+        return {"replay_samples": self.memory_samples()}
+
+    def avalanche_plugin(self):
+        from .avalanche_bridge import PowerLawReplayPlugin
+
+        return PowerLawReplayPlugin(self)
 
     def state_dict(self) -> dict:
         return {"past_sizes": list(self.past_sizes)}

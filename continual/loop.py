@@ -1,0 +1,163 @@
+"""The pieces every continual training loop shares: batches, task masks, evaluation, optimizers, checkpoints.
+
+The native loop (:mod:`.runner`), the Avalanche engine (:mod:`.avalanche_bridge`) and the Hugging
+Face ``Trainer`` route (:mod:`.hf_bridge`) build on these, so that all three seed, mask and
+evaluate in the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..files import atomic_write
+from .metrics import accuracy
+from .streams import experience_classes, has_task_labels
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# --------------------------------------------------------------------------------------------- data
+def unpack(batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(x, y)`` or ``(x, y, t)`` batch → tensors on ``device`` (t None when absent)."""
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise TypeError("stream items must be (x, y) or (x, y, task) tuples")
+    x, y = batch[0].to(device), batch[1].to(device)
+    t = batch[2].to(device) if len(batch) > 2 else None
+    return x, y, t
+
+
+class Experience:
+    """An experience whose data was copied into tensors once (Avalanche item access is slow)."""
+
+    def __init__(self, exp, index: int):
+        self.dataset = materialize(exp.dataset)
+        self.classes_in_this_experience = experience_classes(exp)
+        self.task_labels = list(exp.task_labels) if has_task_labels(exp) else []
+        self.current_experience = index
+
+
+def materialize(dataset) -> TensorDataset:
+    """All items of a map-style dataset as one TensorDataset (same item order and tuple layout)."""
+    columns: list[list[torch.Tensor]] | None = None
+    for batch in DataLoader(dataset, batch_size=1024, shuffle=False):
+        if columns is None:
+            columns = [[] for _ in batch]
+        for col, part in zip(columns, batch):
+            col.append(torch.as_tensor(part))
+    if columns is None:
+        raise ValueError("an experience has an empty dataset")
+    return TensorDataset(*[torch.cat(c) for c in columns])
+
+
+def experience_seed(seed: int, index: int) -> int:
+    return seed * 100_003 + index * 7_919 + 17
+
+
+def task_class_masks(train_exps: list, scenario: str) -> dict[int, list[int]] | None:
+    """Task label → classes of that task (task-incremental only; None means no masking)."""
+    if scenario != "task-incremental":
+        return None
+    masks: dict[int, list[int]] = {}
+    for i, exp in enumerate(train_exps):
+        label = int(exp.task_labels[0]) if has_task_labels(exp) else i
+        masks.setdefault(label, [])
+        masks[label] = sorted(set(masks[label]) | set(experience_classes(exp)))
+    return masks
+
+
+def restrict_logits(logits: torch.Tensor, t: torch.Tensor | None, masks: dict | None, fallback: int) -> torch.Tensor:
+    """Set the logits of classes outside each sample's task to -inf (task-incremental)."""
+    if masks is None:
+        return logits
+    allowed = torch.zeros(max(masks) + 1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+    for label, classes in masks.items():
+        allowed[label, classes] = True
+    labels = t if t is not None else torch.full((logits.shape[0],), fallback, device=logits.device)
+    return logits.masked_fill(~allowed[labels.long()], float("-inf"))
+
+
+def set_candidates(model: nn.Module, experiences: list | None, masks: dict | None, seen: int | None = None,
+                   task: int | None = None) -> None:
+    """Which classes a label-scoring text classifier scores (other models are left alone).
+
+    Training experience ``seen``: every class of experiences 0..seen (replayed samples included).
+    Evaluating task ``task``: its classes in task-incremental runs, else every class.
+    """
+    if not hasattr(model, "candidates"):
+        return
+    if task is not None:
+        model.candidates = masks[task] if masks is not None and task in masks else None
+    else:
+        model.candidates = sorted({c for e in experiences[: seen + 1] for c in e.classes_in_this_experience})
+
+
+@torch.no_grad()
+def evaluate_stream(predict: Callable, test_exps: list, masks: dict | None, batch_size: int, device) -> list[float]:
+    """Accuracy on each test experience; ``predict(x, t, j)`` returns logits."""
+    accs = []
+    for j, exp in enumerate(test_exps):
+        preds, targets, n_classes = [], [], 0
+        for batch in DataLoader(exp.dataset, batch_size=batch_size, shuffle=False):
+            x, y, t = unpack(batch, device)
+            logits = predict(x, t, j)
+            if logits is None:  # the method cannot predict this task yet (KCL before training it)
+                break
+            logits = restrict_logits(logits, t, masks, j)
+            n_classes = logits.shape[-1]
+            preds.append(logits.argmax(-1).cpu())
+            targets.append(y.cpu())
+        accs.append(accuracy(torch.cat(preds), torch.cat(targets), num_classes=n_classes) if preds else float("nan"))
+    return accs
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_checkpoint(folder: str, state: dict) -> None:
+    atomic_write(os.path.join(folder, CHECKPOINT), lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(folder: str, config: dict) -> dict | None:
+    path = os.path.join(folder, CHECKPOINT)
+    if not os.path.exists(path):
+        return None
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    if state["fingerprint"] != fingerprint(config):
+        saved = json.loads(state["config"])
+        diff = sorted(k for k in set(saved) | set(config) if json.dumps(saved.get(k), sort_keys=True, default=str)
+                      != json.dumps(config.get(k), sort_keys=True, default=str))
+        raise ValueError(f"checkpoint {path} was written by a different configuration (differs in: {', '.join(diff)}); "
+                         "use another checkpoint_dir or resume=False")
+    return state
+
+
+def make_optimizer(optimizer, params: list, lr: float, method=None) -> torch.optim.Optimizer:
+    """The method's own optimizer if it has one (CLASSP), else ``"sgd"``, ``"adam"`` or a callable."""
+    own = method.make_optimizer(params, lr) if method is not None else None
+    if own is not None:
+        return own
+    if callable(optimizer):
+        return optimizer(params)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"unknown optimizer {optimizer!r}; valid: 'sgd', 'adam' or a callable params -> Optimizer")
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameter")
+    return params
+
+
