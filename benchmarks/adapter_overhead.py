@@ -8,7 +8,7 @@ configuration alone.
 
     python benchmarks/adapter_overhead.py [--rounds 8] [--out results/]
 
-Targets (issue #2): bone ≤ PEFT MiSS (ratio ≤ 1.0) and SSF ≤ 1.1× the frozen-base
+Targets: bone ≤ PEFT MiSS (ratio ≤ 1.0) and SSF ≤ 1.1× the frozen-base
 forward+backward (the base with no trainable weight: backward computes input gradients only).
 """
 

@@ -10,7 +10,7 @@ Each configuration runs in its own subprocess, so wall time and peak RSS are its
 
     python benchmarks/calibration_speed.py [--sequences 128] [--tokens 128] [--out results/]
 
-Target (issue #3): ours ≥ 2× faster than PEFT with equal results (products s·B·A and residual
+Target: ours ≥ 2× faster than PEFT with equal results (products s·B·A and residual
 weights compared layer by layer, relative Frobenius error).
 
 What "equal" can mean here: KPM keeps the r *smallest* singular directions of ``W·C_d``, and the

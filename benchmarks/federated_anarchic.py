@@ -49,7 +49,7 @@ def make_model(kind: str) -> nn.Module:
 
 
 def make_algorithm(name: str, local_lr: float) -> fl.Server:
-    eta = 5.0   # ≈ mean K: AFA's per-step displacement then matches FedAvg's (invariant 1)
+    eta = 5.0   # ≈ mean K: AFA's per-step displacement then matches FedAvg's (AFA-CD with η = K is FedAvg)
     if name == "FedAvg":
         return fl.FedAvg(local_lr=local_lr, server_lr=1.0, cohort_size=10)
     if name == "FedBuff":

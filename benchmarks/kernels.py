@@ -1,4 +1,4 @@
-"""Benchmark and GPU check of lifelong.kernels (``shared/specs/kernels.md`` §11).
+"""Benchmark and GPU check of lifelong.kernels.
 
     python benchmarks/kernels.py [--out results/kernels.md] [--write-table] [--quick]
 
@@ -11,7 +11,7 @@ our ``triton``. Per row: median ms, TFLOP/s on useful FLOPs (forward ``2MNK + 2M
 all measured in the same run on the named card. Covariance: tokens/s of ``cov_accumulate_``
 (triton, composite) vs ``C.addmm_(Xᵀ, X)`` on an fp32 copy, d ∈ {1024, 4096}, 2048 tokens/update.
 ``--write-table`` stores the buckets where Triton beat composite by ≥ 3 % as the dispatch table
-``kernels/tuned/<gpu>.json`` that ``backend="auto"`` reads. Targets (spec §11): forward overhead
+``kernels/tuned/<gpu>.json`` that ``backend="auto"`` reads. Targets: forward overhead
 ≤ 8 % at M = 8192, ≤ 10 % at M = 16; forward+backward ≥ 1.25× faster than PEFT.
 
 Without CUDA, or under ``TRITON_INTERPRET=1`` (the interpreter cannot time anything), it says so
@@ -148,7 +148,7 @@ def cov_table() -> tuple[list[dict], dict[str, str]]:
         for name, t in times.items():
             rows.append({"d": d, "impl": name, "ms": t, "tokens_per_s": COV_TOKENS / t * 1e3,
                          "vs_addmm": times["addmm_fp32"] / t})
-        win = times["triton"] < times["composite"] / 1.2  # spec §11: triangular only where ≥ 1.2×
+        win = times["triton"] < times["composite"] / 1.2  # the triangular kernel only where it wins by ≥ 1.2×
         table[bucket_key("cov_accumulate_", COV_TOKENS, d, d, 1, torch.bfloat16)] = "triton" if win else "composite"
     return rows, table
 

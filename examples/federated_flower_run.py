@@ -2,8 +2,8 @@
 
     python examples/federated_flower_run.py --mode async --algorithm afa_cs --supernodes 4
 
-`flwr run` starts a detached local SuperLink (Ray backend) that outlives the command
-(flower.md §5.1); this script gives Flower its own FLWR_HOME, runs the app inside the
+`flwr run` starts a detached local SuperLink (Ray backend) that outlives the command;
+this script gives Flower its own FLWR_HOME, runs the app inside the
 current environment (no per-run dependency installation), streams the logs, and at
 the end stops exactly the processes that carry its FLWR_HOME — never anything else.
 """

@@ -3,7 +3,7 @@
 The simulator and the servers federate a model's *trainable* parameters only. After
 ``lifelong.wrap`` those are exactly the adapter tensors (the base model is frozen),
 so the workers share one frozen base model and every upload, aggregate and byte
-count covers the adapter alone (anarchic_fl.md §12). AFA is linear in that vector;
+count covers the adapter alone. AFA is linear in that vector;
 note that averaging factorised adapters (e.g. LoRA's A and B) separately is not the
 average of their product — a known bias of federated LoRA that AFA does not change.
 """

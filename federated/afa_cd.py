@@ -18,11 +18,31 @@ slot of the buffer (its newest upload replaces the older one).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .server import Server, StalenessWeight, Update
+from ._checks import one_of, positive_int
+from .server import Server, ServerConfig, StalenessWeight, Update
 
 WEIGHTINGS = ("uniform", "num_examples")
+
+
+@dataclass
+class AFACDConfig(ServerConfig):
+    """AFA-CD's settings: ``buffer_size`` m uploads per step, their ``weighting``, and whether a
+    worker holds at most one slot of the buffer (``distinct_per_step``)."""
+
+    buffer_size: int = 10
+    weighting: str = "uniform"
+    distinct_per_step: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        positive_int("buffer_size (m)", self.buffer_size)
+        one_of("weighting", self.weighting, WEIGHTINGS)
+        if not isinstance(self.distinct_per_step, bool):
+            raise ValueError(f"distinct_per_step must be True or False, got {self.distinct_per_step!r}")
 
 
 class AFACD(Server):
@@ -30,23 +50,16 @@ class AFACD(Server):
 
     name = "afa_cd"
 
+    Config = AFACDConfig
+
     def __init__(self, *, local_lr: float = 0.05, server_lr: float = 1.0, buffer_size: int = 10,
                  max_staleness: int | None = 10, stale_policy: str = "drop",
                  weighting: str = "uniform", distinct_per_step: bool = False,
                  staleness_weight: StalenessWeight | None = None):
-        super().__init__(local_lr=local_lr, server_lr=server_lr, max_staleness=max_staleness,
-                         stale_policy=stale_policy, staleness_weight=staleness_weight)
-        if not isinstance(buffer_size, int) or buffer_size < 1:
-            raise ValueError(f"buffer_size (m) must be an int >= 1, got {buffer_size!r}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        self.buffer_size = buffer_size
-        self.weighting = weighting
-        self.distinct_per_step = distinct_per_step
-
-    def config(self) -> dict:
-        return {**super().config(), "buffer_size": self.buffer_size, "weighting": self.weighting,
-                "distinct_per_step": self.distinct_per_step}
+        super().__init__(AFACDConfig(local_lr=local_lr, server_lr=server_lr, buffer_size=buffer_size,
+                                     max_staleness=max_staleness, stale_policy=stale_policy,
+                                     weighting=weighting, distinct_per_step=distinct_per_step,
+                                     staleness_weight=staleness_weight))
 
     def _reset(self) -> None:
         # entries: (worker, G, base_version, num_examples)

@@ -22,33 +22,43 @@ before the first upload (the paper-reproduction setting).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
-from .server import Server, Update
+from ._checks import one_of, positive_int
+from .server import Server, ServerConfig, Update
 
 CS_INITS = ("available_only", "zeros", "warm_start")
+
+
+@dataclass
+class MemoryConfig(ServerConfig):
+    """Settings of a server with one memory slot per worker: how empty slots count (``cs_init``),
+    how many new uploads trigger a step (``min_new``) and how often the running sum is recomputed
+    exactly (``resync_every`` steps)."""
+
+    cs_init: str = "available_only"
+    min_new: int = 1
+    resync_every: int = 100
+
+    def validate(self) -> None:
+        super().validate()
+        one_of("cs_init", self.cs_init, CS_INITS)
+        positive_int("min_new", self.min_new)
+        positive_int("resync_every", self.resync_every)
+
+
+@dataclass
+class AFACSConfig(MemoryConfig):
+    """AFA-CS's settings (those of every memory server)."""
 
 
 class MemoryServer(Server):
     """A server with one memory slot per worker and a consistent running sum."""
 
-    def __init__(self, *, cs_init: str, min_new: int, resync_every: int, **kw):
-        super().__init__(**kw)
-        if cs_init not in CS_INITS:
-            raise ValueError(f"cs_init must be one of {CS_INITS}, got {cs_init!r}")
-        if not isinstance(min_new, int) or min_new < 1:
-            raise ValueError(f"min_new must be an int >= 1, got {min_new!r}")
-        if not isinstance(resync_every, int) or resync_every < 1:
-            raise ValueError(f"resync_every must be an int >= 1, got {resync_every!r}")
-        self.cs_init = cs_init
-        self.min_new = min_new
-        self.resync_every = resync_every
-
-    def config(self) -> dict:
-        return {**super().config(), "cs_init": self.cs_init, "min_new": self.min_new,
-                "resync_every": self.resync_every}
+    Config = MemoryConfig
 
     def _reset(self) -> None:
         self.memory: dict[int, torch.Tensor] = {}   # worker -> latest remembered vector
@@ -140,12 +150,14 @@ class AFACS(MemoryServer):
     name = "afa_cs"
     needs_warm_start = property(lambda self: self.cs_init == "warm_start")
 
+    Config = AFACSConfig
+
     def __init__(self, *, local_lr: float = 0.05, server_lr: float = 1.0,
                  max_staleness: int | None = 10, stale_policy: str = "drop",
                  cs_init: str = "available_only", min_new: int = 1, resync_every: int = 100):
-        super().__init__(local_lr=local_lr, server_lr=server_lr, max_staleness=max_staleness,
-                         stale_policy=stale_policy, cs_init=cs_init, min_new=min_new,
-                         resync_every=resync_every)
+        super().__init__(AFACSConfig(local_lr=local_lr, server_lr=server_lr, max_staleness=max_staleness,
+                                     stale_policy=stale_policy, cs_init=cs_init, min_new=min_new,
+                                     resync_every=resync_every))
 
     def _accept(self, update: Update, g: torch.Tensor) -> bool:
         if not self.warm:

@@ -11,14 +11,36 @@ Each round the server samples a cohort, every member starts from the current
 
 Uploads carry the normalised ``G_i = −Δ_i / (η_L·K_i)``, so the server recovers
 ``Δ_i = −η_L·K_i·G_i`` exactly. Plain FedAvg is ``η_s = 1``; AFA-CD with
-``η = K`` and full participation is the same step (anarchic_fl.md invariant 1).
+``η = K`` and full participation is the same step (AFA-CD reduces to FedAvg in that case).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ._checks import one_of, positive_int
 from .afa_cd import WEIGHTINGS
-from .server import Server, Update
+from .server import Server, ServerConfig, Update
+
+
+@dataclass
+class FedAvgConfig(ServerConfig):
+    """FedAvg's settings: ``cohort_size`` workers per round and their ``weighting``. A
+    synchronous round only accepts uploads computed on the current model, so the delay bound
+    is fixed: ``max_staleness=0`` with ``stale_policy="drop"``."""
+
+    max_staleness: int | None = 0
+    cohort_size: int = 10
+    weighting: str = "uniform"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_staleness != 0 or self.stale_policy != "drop":
+            raise ValueError("FedAvg is synchronous: max_staleness must be 0 and stale_policy 'drop', "
+                             f"got {self.max_staleness!r} and {self.stale_policy!r}")
+        positive_int("cohort_size", self.cohort_size)
+        one_of("weighting", self.weighting, WEIGHTINGS)
 
 
 class FedAvg(Server):
@@ -27,19 +49,12 @@ class FedAvg(Server):
     name = "fedavg"
     synchronous = True
 
+    Config = FedAvgConfig
+
     def __init__(self, *, local_lr: float = 0.05, server_lr: float = 1.0, cohort_size: int = 10,
                  weighting: str = "uniform"):
-        # A synchronous round only accepts uploads computed on the current model.
-        super().__init__(local_lr=local_lr, server_lr=server_lr, max_staleness=0, stale_policy="drop")
-        if not isinstance(cohort_size, int) or cohort_size < 1:
-            raise ValueError(f"cohort_size must be an int >= 1, got {cohort_size!r}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        self.cohort_size = cohort_size
-        self.weighting = weighting
-
-    def config(self) -> dict:
-        return {**super().config(), "cohort_size": self.cohort_size, "weighting": self.weighting}
+        super().__init__(FedAvgConfig(local_lr=local_lr, server_lr=server_lr, cohort_size=cohort_size,
+                                      weighting=weighting))
 
     def _reset(self) -> None:
         self.round: list[tuple[int, torch.Tensor, int, int]] = []  # (worker, K·G, base, n)

@@ -17,9 +17,26 @@ model further.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from .server import Server, StalenessWeight, Update, polynomial_staleness
+from ._checks import positive_int
+from .server import Server, ServerConfig, StalenessWeight, Update, polynomial_staleness
+
+
+@dataclass
+class FedBuffConfig(ServerConfig):
+    """FedBuff's settings: ``buffer_size`` K_b displacements per step, no delay bound and the
+    paper's ``s(τ) = 1/√(1+τ)`` staleness weight by default."""
+
+    max_staleness: int | None = None
+    staleness_weight: StalenessWeight | None = field(default_factory=lambda: polynomial_staleness(0.5))
+    buffer_size: int = 10
+
+    def validate(self) -> None:
+        super().validate()
+        positive_int("buffer_size (K_b)", self.buffer_size)
 
 
 class FedBuff(Server):
@@ -27,17 +44,14 @@ class FedBuff(Server):
 
     name = "fedbuff"
 
+    Config = FedBuffConfig
+
     def __init__(self, *, local_lr: float = 0.05, server_lr: float = 1.0, buffer_size: int = 10,
                  max_staleness: int | None = None, stale_policy: str = "drop",
                  staleness_weight: StalenessWeight | None = polynomial_staleness(0.5)):
-        super().__init__(local_lr=local_lr, server_lr=server_lr, max_staleness=max_staleness,
-                         stale_policy=stale_policy, staleness_weight=staleness_weight)
-        if not isinstance(buffer_size, int) or buffer_size < 1:
-            raise ValueError(f"buffer_size (K_b) must be an int >= 1, got {buffer_size!r}")
-        self.buffer_size = buffer_size
-
-    def config(self) -> dict:
-        return {**super().config(), "buffer_size": self.buffer_size}
+        super().__init__(FedBuffConfig(local_lr=local_lr, server_lr=server_lr, buffer_size=buffer_size,
+                                       max_staleness=max_staleness, stale_policy=stale_policy,
+                                       staleness_weight=staleness_weight))
 
     def _reset(self) -> None:
         self.acc = torch.zeros_like(self.x)   # Σ s(τ)·Q·G  (= Σ s(τ)·Δ / η_L)

@@ -3,24 +3,24 @@
 Needs the optional extra ``lifelong[federated]`` (``flwr[simulation]>=1.42,<1.43``);
 importing ``lifelong.federated`` never imports ``flwr``, only this module does.
 The algorithm math stays in the framework-free servers (`AFACD`, `AFACS`, ...);
-this module only moves their tensors through Flower (flower.md §7–§8):
+this module only moves their tensors through Flower, in one of two ways:
 
 * `AFAStrategy` — a `flwr.serverapp.strategy.Strategy` for ``Strategy.start``:
-  the round-based approximation (§7.1). Each round sampled nodes get the current
+  the round-based approximation. Each round sampled nodes get the current
   trainable arrays and ``model-version``; every node decides whether to take part
   and how many local steps to run, and replies with its normalised update G.
   All updates of a round are computed on the same model, so there is no delay.
-* `run_async` — the event-driven main loop for ``@app.main()`` (§7.2), faithful
+* `run_async` — the event-driven main loop for ``@app.main()``, faithful
   to AFA: nodes are kept busy, every reply is handed to the server with its own
   staleness as soon as it is pulled, and freed nodes get the newest model.
   Staleness then depends on real scheduling and is not reproducible; use
   `lifelong.federated.simulate` for reproducible experiments.
 * `FlowerWorker` / `make_client_app` — the ClientApp side: the worker procedure of
-  anarchic_fl.md §4 with worker-chosen participation and K.
+  AFA (Yang et al., ICML 2022, Algorithm 1) with worker-chosen participation and K.
 
 Only trainable tensors travel (ArrayRecord keys = the trainable parameter names);
 replies are named ``"update"`` so a stock strategy can never mistake a gradient for
-model weights (flower.md §11 pitfall 3).
+model weights (stock strategies average whatever comes back under ``"arrays"``).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from ._checks import fraction, non_negative_int, positive_int
 from .params import Params, nbytes
 from .server import Server, Update
 from .worker import LocalTrainer
@@ -166,7 +167,7 @@ def make_client_app(worker: FlowerWorker) -> ClientApp:
 
 
 class AFAStrategy(Strategy):
-    """Round-based AFA on ``Strategy.start`` (flower.md §7.1, §8).
+    """Round-based AFA on ``Strategy.start`` (Flower's synchronous round loop).
 
     ``server`` is any lifelong server (`AFACD`, `AFACS`, `FedAvg`, ...); it is
     initialised from the first round's arrays. A round's replies are submitted in
@@ -177,10 +178,10 @@ class AFAStrategy(Strategy):
 
     def __init__(self, server: Server, *, num_workers: int, fraction_train: float = 1.0,
                  min_train_nodes: int = 1, max_local_steps: int = 5, seed: int = 0):
-        if not 0 < fraction_train <= 1:
-            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
-        if max_local_steps < 1:
-            raise ValueError(f"max_local_steps must be >= 1, got {max_local_steps!r}")
+        fraction("fraction_train", fraction_train, open_low=True)
+        positive_int("min_train_nodes", min_train_nodes)
+        positive_int("max_local_steps", max_local_steps)
+        positive_int("num_workers", num_workers)
         self.server, self.num_workers = server, num_workers
         self.fraction_train, self.min_train_nodes = fraction_train, min_train_nodes
         self.max_local_steps, self.seed = max_local_steps, seed
@@ -235,7 +236,7 @@ def run_async(grid: Grid, server: Server, *, num_steps: int, concurrency: int,
               max_local_steps: int = 5, poll_interval: float = 0.05,
               evaluate_fn: Callable[[int, Params], float] | None = None, eval_every: int = 10,
               timeout: float | None = None, min_nodes: int = 1) -> dict:
-    """Event-driven AFA main loop for ``@app.main()`` (flower.md §7.2).
+    """Event-driven AFA main loop for ``@app.main()`` (Flower's Grid ``push_messages``/``pull_messages``).
 
     ``server`` must be initialised. Keeps up to ``concurrency`` nodes training; each
     reply is submitted as soon as it is pulled (staleness = version now − version
@@ -244,8 +245,10 @@ def run_async(grid: Grid, server: Server, *, num_steps: int, concurrency: int,
     """
     if server.spec is None:
         raise RuntimeError("initialise the server first: server.init(params, num_workers)")
-    if concurrency < 1 or num_steps < 0:
-        raise ValueError(f"need concurrency >= 1 and num_steps >= 0, got {concurrency}, {num_steps}")
+    positive_int("concurrency", concurrency)
+    non_negative_int("num_steps", num_steps)
+    positive_int("max_local_steps", max_local_steps)
+    positive_int("eval_every", eval_every)
     start = time.monotonic()
     nodes: list[int] = []
     while len(nodes) < min_nodes:

@@ -1,4 +1,4 @@
-"""Effort, speed and faults of anarchic workers (anarchic_fl.md §13.3–13.4, issue #6 faults).
+"""Effort, speed and faults of anarchic workers.
 
 * Local-step policies pick the K a worker runs for a job: `FixedSteps(K)`,
   `UniformSteps(lo, hi)` (new draw per job), `PerWorkerSteps(lo, hi)` (drawn once
@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ._checks import fraction, non_negative_number, optional, positive_int, positive_number
 from .params import Params
 
 _STEPS, _SPEED, _JITTER, _FAULT_SET, _FAULT_JOB = 21, 22, 23, 24, 25
@@ -32,8 +33,10 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 def _check_steps(lo: int, hi: int) -> None:
-    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
-        raise ValueError(f"local steps need integers 1 <= low <= high, got ({lo!r}, {hi!r})")
+    positive_int("local steps (low)", lo)
+    positive_int("local steps (high)", hi)
+    if lo > hi:
+        raise ValueError(f"local steps need low <= high, got ({lo!r}, {hi!r})")
 
 
 class LocalSteps:
@@ -93,8 +96,8 @@ class TimeBudget(LocalSteps):
     max_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if not (self.budget > 0):
-            raise ValueError(f"time budget must be > 0, got {self.budget!r}")
+        positive_number("time budget", self.budget)
+        optional(positive_int, "max_steps", self.max_steps)
 
     def steps(self, worker: int, job: int) -> int:
         k = max(1, int(math.floor(self.budget / self.step_times[worker])))
@@ -110,13 +113,10 @@ class Speed:
     bandwidth: float | None = None  # bytes per virtual second; None = free communication
 
     def __post_init__(self) -> None:
-        if not (self.step_time > 0):
-            raise ValueError(f"step_time must be > 0, got {self.step_time!r}")
+        positive_number("step_time", self.step_time)
         for name in ("sigma", "jitter", "latency"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.bandwidth is not None and not self.bandwidth > 0:
-            raise ValueError(f"bandwidth must be > 0 or None, got {self.bandwidth!r}")
+            non_negative_number(name, getattr(self, name))
+        optional(positive_number, "bandwidth", self.bandwidth)
 
     def bind(self, num_workers: int, seed: int) -> np.ndarray:
         z = _rng(seed, _SPEED).standard_normal(num_workers)
@@ -144,10 +144,8 @@ class Faults:
     prob: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.fraction <= 1:
-            raise ValueError(f"faulty fraction must be in [0, 1], got {self.fraction!r}")
-        if not 0 <= self.prob <= 1:
-            raise ValueError(f"fault probability must be in [0, 1], got {self.prob!r}")
+        fraction("faulty fraction", self.fraction)
+        fraction("fault probability (prob)", self.prob)
         bad = [k for k in self.kinds if k not in FAULT_KINDS]
         if bad or not self.kinds:
             raise ValueError(f"fault kinds must be a non-empty subset of {FAULT_KINDS}, got {self.kinds!r}")

@@ -17,11 +17,31 @@ single learning rate of the paper (η = 1 is MIFA as published).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .afa_cs import MemoryServer
+from ._checks import fraction
+from .afa_cs import MemoryConfig, MemoryServer
 from .server import Update
+
+
+@dataclass
+class MIFAConfig(MemoryConfig):
+    """MIFA's settings: no step until a fraction ``min_fraction`` of the devices have a slot.
+    MIFA is round-based and averages the filled slots, so ``max_staleness=0``,
+    ``stale_policy="drop"``, ``cs_init="available_only"`` and ``min_new=1`` are fixed."""
+
+    max_staleness: int | None = 0
+    min_fraction: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        fixed = {"max_staleness": 0, "stale_policy": "drop", "cs_init": "available_only", "min_new": 1}
+        wrong = {k: getattr(self, k) for k, v in fixed.items() if getattr(self, k) != v}
+        if wrong:
+            raise ValueError(f"MIFA fixes {fixed}; got {wrong}")
+        fraction("min_fraction", self.min_fraction)
 
 
 class MIFA(MemoryServer):
@@ -31,17 +51,12 @@ class MIFA(MemoryServer):
     synchronous = True
     needs_warm_start = False
 
+    Config = MIFAConfig
+
     def __init__(self, *, local_lr: float = 0.05, server_lr: float = 1.0, min_fraction: float = 1.0,
                  resync_every: int = 100):
-        super().__init__(local_lr=local_lr, server_lr=server_lr, max_staleness=0,
-                         stale_policy="drop", cs_init="available_only", min_new=1,
-                         resync_every=resync_every)
-        if not (0.0 <= min_fraction <= 1.0):
-            raise ValueError(f"min_fraction must be in [0, 1], got {min_fraction!r}")
-        self.min_fraction = float(min_fraction)
-
-    def config(self) -> dict:
-        return {**super().config(), "min_fraction": self.min_fraction}
+        super().__init__(MIFAConfig(local_lr=local_lr, server_lr=server_lr, min_fraction=min_fraction,
+                                    resync_every=resync_every))
 
     def _slot_value(self, update: Update, g: torch.Tensor) -> torch.Tensor:
         return update.local_steps * g

@@ -1,14 +1,14 @@
 """Parameter dicts that travel between server and workers.
 
-Only the *trainable* parameters of a model take part in federated arithmetic
-(anarchic_fl.md §12, invariant 11): buffers (BatchNorm statistics, counters) and
-frozen weights (the base model under an adapter) never enter it. A `ParamSpec`
+Only the *trainable* parameters of a model take part in federated arithmetic:
+buffers (BatchNorm statistics, counters) and frozen weights (the base model under
+an adapter) never enter it, so they are never averaged, sent or counted. A `ParamSpec`
 records the names, shapes and dtypes of those tensors once, so that servers can
 work on one flat vector ``x ∈ R^d`` (cheap sums, one memory slot per worker) and
 convert back to a named dict whenever tensors leave the server.
 
 Bytes on the wire are counted as ``Σ numel · itemsize`` of the transmitted tensors
-(anarchic_fl.md §13.6).
+(payload only; no protocol overhead).
 """
 from __future__ import annotations
 

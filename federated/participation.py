@@ -1,6 +1,6 @@
 """Who takes part, and when: per-worker participation models on a virtual clock.
 
-anarchic_fl.md §13.2. Every model answers two questions, deterministically from
+Every model answers two questions, deterministically from
 the run seed (each answer draws from its own seeded stream, so results never
 depend on the order in which the simulator asks):
 
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from ._checks import fraction, positive_number
 
 # stream tags: keep every random decision in its own seeded stream
 _BERNOULLI_WAIT, _BERNOULLI_ROUND, _MARKOV, _PERIODIC = 11, 12, 13, 14
@@ -59,8 +61,7 @@ class Bernoulli(Participation):
         probs = np.atleast_1d(np.asarray(p, dtype=float))
         if probs.size == 0 or not np.all((probs >= 0) & (probs <= 1)):
             raise ValueError(f"participation probabilities must lie in [0, 1], got {p!r}")
-        if not (interval > 0):
-            raise ValueError(f"interval must be > 0, got {interval!r}")
+        positive_number("interval", interval)
         self.p = probs
         self.interval = float(interval)
 
@@ -88,8 +89,8 @@ class MarkovOnOff(Participation):
     """Two-state chain per worker: on and off periods with exponential durations."""
 
     def __init__(self, mean_on: float, mean_off: float):
-        if not (mean_on > 0 and mean_off > 0):
-            raise ValueError(f"mean_on and mean_off must be > 0, got {mean_on!r}, {mean_off!r}")
+        positive_number("mean_on", mean_on)
+        positive_number("mean_off", mean_off)
         self.mean_on = float(mean_on)
         self.mean_off = float(mean_off)
 
@@ -134,10 +135,8 @@ class Periodic(Participation):
     """Diurnal availability: on for ``duty·period`` of every period, with a per-worker phase."""
 
     def __init__(self, period: float = 24.0, duty: float = 0.5, random_phase: bool = True):
-        if not (period > 0):
-            raise ValueError(f"period must be > 0, got {period!r}")
-        if not (0 < duty <= 1):
-            raise ValueError(f"duty must be in (0, 1], got {duty!r}")
+        positive_number("period", period)
+        fraction("duty", duty, open_low=True)
         self.period = float(period)
         self.duty = float(duty)
         self.random_phase = random_phase
@@ -228,8 +227,7 @@ class Trace(Participation):
 
 def label_correlated(labels: np.ndarray, parts: Sequence[np.ndarray], beta: float = 0.1) -> np.ndarray:
     """MIFA/FLGo availability ``p_i = β·minlabel_i/(C−1) + (1−β)``: arrivals correlated with data."""
-    if not 0 <= beta <= 1:
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    fraction("beta", beta)
     num_classes = int(labels.max()) + 1
     min_label = np.array([labels[p].min() for p in parts], dtype=float)
     return beta * min_label / max(num_classes - 1, 1) + (1 - beta)

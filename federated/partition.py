@@ -1,7 +1,7 @@
 """Deterministic non-IID partitioning of a labelled dataset among workers.
 
-Same semantics as flwr-datasets' partitioners (anarchic_fl.md §13.5, flower.md §10),
-in numpy, for any in-memory dataset:
+Same semantics as flwr-datasets' partitioners (``IidPartitioner``,
+``DirichletPartitioner``, ``ShardPartitioner``), in numpy, for any in-memory dataset:
 
 * `IID` — a seeded permutation cut into M near-equal parts.
 * `Dirichlet(α)` — label skew (NIID-Bench): for every class c draw
@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ._checks import positive_int, positive_number
+
 
 def _check_workers(num_workers: int, n: int) -> None:
-    if not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"the number of workers must be an int >= 1, got {num_workers!r}")
+    positive_int("num_workers", num_workers)
     if num_workers > n:
         raise ValueError(f"cannot split {n} samples among {num_workers} workers "
                          "(every worker needs at least one sample)")
@@ -63,10 +64,8 @@ class Dirichlet(Partitioner):
     def __post_init__(self) -> None:
         if self.over not in ("classes", "workers"):
             raise ValueError(f"over must be 'classes' or 'workers', got {self.over!r}")
-        if not (np.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"Dirichlet alpha must be a finite number > 0, got {self.alpha!r}")
-        if self.min_size < 1:
-            raise ValueError(f"min_size must be >= 1, got {self.min_size!r}")
+        positive_number("Dirichlet alpha", self.alpha)
+        positive_int("min_size", self.min_size)
 
     def split(self, labels: np.ndarray, num_workers: int, seed: int) -> list[np.ndarray]:
         _check_workers(num_workers, len(labels))
@@ -120,8 +119,7 @@ class Shards(Partitioner):
     shards_per_worker: int = 2
 
     def __post_init__(self) -> None:
-        if not isinstance(self.shards_per_worker, int) or self.shards_per_worker < 1:
-            raise ValueError(f"shards_per_worker must be an int >= 1, got {self.shards_per_worker!r}")
+        positive_int("shards_per_worker", self.shards_per_worker)
 
     def split(self, labels: np.ndarray, num_workers: int, seed: int) -> list[np.ndarray]:
         _check_workers(num_workers, len(labels))
@@ -138,6 +136,9 @@ class Shards(Partitioner):
 @dataclass(frozen=True)
 class ClassesPerWorker(Partitioner):
     classes: int
+
+    def __post_init__(self) -> None:
+        positive_int("classes (per worker)", self.classes)
 
     def split(self, labels: np.ndarray, num_workers: int, seed: int) -> list[np.ndarray]:
         _check_workers(num_workers, len(labels))

@@ -1,4 +1,4 @@
-"""The result of a simulated federation: metrics, histograms, JSON and a plot (anarchic_fl.md §13.6)."""
+"""The result of a simulated federation: metrics, histograms, JSON and a plot."""
 from __future__ import annotations
 
 import json

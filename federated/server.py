@@ -1,30 +1,35 @@
 """Common server machinery shared by AFA-CD, AFA-CS and the baselines.
 
 Every upload is an `Update`: the worker's normalised update
-``G = (x_s − y_K) / (η_L · K)`` (anarchic_fl.md §4) on the trainable parameters,
-the version ``s`` of the model it started from, and the number of local steps
-``K`` it actually ran. The server
+``G = (x_s − y_K) / (η_L · K)`` (Anarchic Federated Learning, Yang et al., ICML 2022,
+Algorithm 1) on the trainable parameters, the version ``s`` of the model it started
+from, and the number of local steps ``K`` it actually ran. The server
 
 1. rejects malformed uploads (wrong keys, wrong shapes, non-float, NaN/inf,
    ``K < 1``, unknown worker, a version from the future) and counts them by reason,
 2. computes the staleness ``τ = t − s`` against its own version ``t`` and applies
-   the delay bound ``τ_max`` with the policy ``"drop"`` (default: the update is
-   discarded and counted), ``"accept"`` (no bound) or ``"clip"`` (accepted but
-   counted as over the bound) (§7),
+   the delay bound ``τ_max`` (the paper's bounded-delay assumption) with the policy
+   ``"drop"`` (default: the update is discarded and counted), ``"accept"`` (no bound)
+   or ``"clip"`` (accepted but counted as over the bound),
 3. hands the flattened ``G`` to the algorithm's rule (`_accept`), which decides
    when to take a step ``x ← x − η · η_L · direction``.
 
 Servers work on one flat vector of the trainable parameters; frozen weights and
-buffers never reach them (invariant 11).
+buffers never reach them, so only what is trained is ever communicated.
+
+Each server's settings are a dataclass (`ServerConfig` and its subclasses) validated on
+construction; the server exposes every setting as an attribute, and assigning one
+re-validates the whole config.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
+from ._checks import non_negative_int, non_negative_number, one_of, optional, positive_int, positive_number
 from .params import ParamSpec, Params, nbytes
 
 STALE_POLICIES = ("drop", "accept", "clip")
@@ -48,8 +53,7 @@ class Update:
 
 def polynomial_staleness(exponent: float = 0.5) -> StalenessWeight:
     """FedAsync/FedBuff's ``s(τ) = (1 + τ)^(−a)``."""
-    if exponent < 0:
-        raise ValueError(f"staleness exponent must be >= 0, got {exponent}")
+    non_negative_number("staleness exponent", exponent)
 
     def weight(tau: int) -> float:
         return float((1.0 + tau) ** (-exponent))
@@ -58,9 +62,66 @@ def polynomial_staleness(exponent: float = 0.5) -> StalenessWeight:
     return weight
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+@dataclass
+class ServerConfig:
+    """Settings every server understands.
+
+    Attributes:
+        local_lr: η_L, the workers' learning rate (uploads are normalised by it).
+        server_lr: η, the server's learning rate; a step is ``x ← x − η · η_L · direction``.
+        max_staleness: the delay bound τ_max, or None for no bound.
+        stale_policy: what happens to an upload over the bound: ``"drop"``, ``"accept"``, ``"clip"``.
+        staleness_weight: an optional discount ``s(τ)`` (e.g. `polynomial_staleness`).
+    """
+
+    local_lr: float = 0.05
+    server_lr: float = 1.0
+    max_staleness: int | None = 10
+    stale_policy: str = "drop"
+    staleness_weight: StalenessWeight | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for a setting outside its allowed range (subclasses extend this)."""
+        positive_number("local_lr (η_L)", self.local_lr)
+        positive_number("server_lr (η)", self.server_lr)
+        optional(non_negative_int, "max_staleness", self.max_staleness)
+        one_of("stale_policy", self.stale_policy, STALE_POLICIES)
+        if self.staleness_weight is not None and not callable(self.staleness_weight):
+            raise ValueError(f"staleness_weight must be a function of τ or None, got {self.staleness_weight!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings; ``staleness_weight`` is written as its description."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        weight = out["staleness_weight"]
+        out["staleness_weight"] = None if weight is None else getattr(weight, "describe", repr(weight))
+        return out
+
+
+class _Setting:
+    """A server attribute backed by a field of the server's config; assigning re-validates."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, server: "Server | None", owner: type | None = None) -> Any:
+        if server is None:
+            return self
+        return getattr(server.settings, self.name)
+
+    def __set__(self, server: "Server", value: Any) -> None:
+        server.settings = dataclasses.replace(server.settings, **{self.name: value})
+
+
+def _expose_settings(cls: type) -> None:
+    for f in dataclasses.fields(cls.Config):
+        if not isinstance(cls.__dict__.get(f.name), _Setting) and not any(
+                isinstance(base.__dict__.get(f.name), _Setting) for base in cls.__mro__[1:]):
+            setting = _Setting()
+            setting.__set_name__(cls, f.name)
+            setattr(cls, f.name, setting)
 
 
 def _new_stats() -> dict:
@@ -72,33 +133,43 @@ def _new_stats() -> dict:
 
 
 class Server:
-    """Base class: holds ``x``, the version ``t`` and the upload statistics."""
+    """Base class: holds ``x``, the version ``t`` and the upload statistics.
+
+    Built from its settings, either as keywords (``AFACD(local_lr=0.05, buffer_size=10)``) or
+    as a config object (``AFACD.from_config(AFACDConfig(...))``).
+    """
 
     name = "server"
+    Config: ClassVar[type[ServerConfig]] = ServerConfig
     synchronous = False  # round-based servers step in `flush`, asynchronous ones in `submit`
     needs_warm_start = False  # AFACS(cs_init="warm_start") wants one update per worker at x_0
 
-    def __init__(self, *, local_lr: float, server_lr: float, max_staleness: int | None,
-                 stale_policy: str = "drop", staleness_weight: StalenessWeight | None = None):
-        _check_positive("local_lr (η_L)", local_lr)
-        _check_positive("server_lr (η)", server_lr)
-        if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 0):
-            raise ValueError(f"max_staleness must be an int >= 0 or None, got {max_staleness!r}")
-        if stale_policy not in STALE_POLICIES:
-            raise ValueError(f"stale_policy must be one of {STALE_POLICIES}, got {stale_policy!r}")
-        self.local_lr = float(local_lr)
-        self.server_lr = float(server_lr)
-        self.max_staleness = max_staleness
-        self.stale_policy = stale_policy
-        self.staleness_weight = staleness_weight
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _expose_settings(cls)
+
+    def __init__(self, config: ServerConfig | None = None, /, **options: Any):
+        if config is None:
+            config = self.Config(**options)
+        elif options:
+            raise TypeError(f"pass either a config or keyword settings to {type(self).__name__}, not both")
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
+        self.settings = config
         self.spec: ParamSpec | None = None
         self.num_workers = 0
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> "Server":
+        """The server with the settings of ``config`` (a ``cls.Config``)."""
+        server = cls.__new__(cls)
+        Server.__init__(server, config)
+        return server
 
     # -- set-up ---------------------------------------------------------------------------
     def init(self, params: Mapping[str, torch.Tensor], num_workers: int) -> "Server":
         """Start from the global trainable params ``x_0`` (version 0) for ``num_workers`` workers."""
-        if not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
+        positive_int("num_workers", num_workers)
         self.spec = ParamSpec.of(params)
         self.num_workers = num_workers
         self.x = self.spec.flatten(params).clone()
@@ -111,12 +182,8 @@ class Server:
         """Subclasses initialise their own state here."""
 
     def config(self) -> dict:
-        weight = self.staleness_weight
-        return {
-            "algorithm": self.name, "local_lr": self.local_lr, "server_lr": self.server_lr,
-            "max_staleness": self.max_staleness, "stale_policy": self.stale_policy,
-            "staleness_weight": None if weight is None else getattr(weight, "describe", repr(weight)),
-        }
+        """The algorithm's name and its settings, JSON-ready (used to fingerprint checkpoints)."""
+        return {"algorithm": self.name, **self.settings.to_dict()}
 
     # -- the global model -----------------------------------------------------------------
     @property
@@ -197,6 +264,9 @@ class Server:
 
     def _load_extra_state(self, state: dict) -> None:
         pass
+
+
+_expose_settings(Server)
 
 
 def _bump(counter: dict, key) -> None:

@@ -1,4 +1,4 @@
-"""In-process anarchic federation on a virtual clock (anarchic_fl.md §13).
+"""In-process anarchic federation on a virtual clock.
 
 A discrete-event simulator: a priority queue of events ordered by (virtual time,
 sequence number). When worker i starts a job it downloads ``(t, x_t)``, picks its
@@ -19,9 +19,8 @@ cost one model copy plus the in-flight updates.
 """
 from __future__ import annotations
 
-import hashlib
 import heapq
-import json
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..files import digest, fingerprint as config_fingerprint
+from ._checks import non_negative_int, optional, positive_int
 from .heterogeneity import Faults, FixedSteps, LocalSteps, Speed
 from .params import Params, nbytes, tensor_digest, trainable_params
 from .participation import Bernoulli, Participation
@@ -264,14 +265,11 @@ def simulate(
     written every ``checkpoint_every`` server steps (default: ``eval_every``) and
     resumed from when it exists and matches this configuration.
     """
-    if not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"eval_every must be an int >= 1, got {eval_every!r}")
-    if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
-        raise ValueError(f"max_concurrent must be an int >= 1 or None, got {max_concurrent!r}")
+    positive_int("num_workers", num_workers)
+    non_negative_int("steps", steps)
+    positive_int("eval_every", eval_every)
+    optional(positive_int, "max_concurrent", max_concurrent)
+    optional(positive_int, "checkpoint_every", checkpoint_every)
     participation = participation if participation is not None else Bernoulli(1.0)
     local_steps = local_steps if local_steps is not None else FixedSteps(5)
     speed = speed if speed is not None else Speed()
@@ -299,10 +297,10 @@ def simulate(
         "max_concurrent": max_concurrent, "batch_size": batch_size,
         "loss_fn": getattr(loss_fn, "__name__", repr(loss_fn)), "eval_every": eval_every,
         "params": server.spec.describe(), "params_digest": tensor_digest(x0),
-        "data": {"train": len(label_array), "labels_digest": _digest(label_array.tobytes()),
+        "data": {"train": len(label_array), "labels_digest": digest(label_array.tobytes()),
                  "test": len(test_y)},
     }
-    fingerprint = _digest(json.dumps(config, sort_keys=True).encode())
+    fingerprint = config_fingerprint(config)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     every = checkpoint_every or eval_every
 
@@ -312,8 +310,8 @@ def simulate(
                             "updates_received": server.stats["received"],
                             "accuracy": acc, "loss": loss})
 
-    if ckpt is not None and ckpt.exists():
-        state = load_checkpoint(ckpt)
+    state = _read_checkpoint(ckpt) if ckpt is not None and ckpt.exists() else None
+    if state is not None:
         if state["fingerprint"] != fingerprint:
             raise ValueError(f"checkpoint {ckpt} was written by another configuration "
                              f"({_diff(state['config'], config)}); delete it or pass another path")
@@ -376,8 +374,18 @@ def _begin(fed: _Federation, server: Server, participation: Participation) -> No
             fed.schedule_next(worker)
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
+def _read_checkpoint(path: Path) -> dict | None:
+    """The checkpoint's state, or None with a warning naming the file when it is empty or
+    corrupt (an interrupted copy, a full disk): the run then starts over."""
+    try:
+        state = load_checkpoint(path)
+        if not (isinstance(state, dict) and {"fingerprint", "config", "sim"} <= set(state)):
+            raise ValueError("not a simulation checkpoint")
+    except Exception as err:  # torch.load raises RuntimeError, EOFError, UnpicklingError, ...
+        warnings.warn(f"checkpoint {str(path)!r} is empty or corrupt ({type(err).__name__}: {err}); "
+                      "starting the simulation over", RuntimeWarning, stacklevel=3)
+        return None
+    return state
 
 
 def _diff(old: dict, new: dict) -> str:

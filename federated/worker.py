@@ -1,4 +1,5 @@
-"""The worker procedure shared by every algorithm (anarchic_fl.md §4).
+"""The worker procedure shared by every algorithm (Anarchic Federated Learning,
+Yang et al., ICML 2022, Algorithm 1, worker side).
 
 A worker downloads ``(s, x_s)``, runs ``K`` plain SGD steps with step size ``η_L``
 on minibatches of its own data and uploads the normalised update::
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from ._checks import positive_int
 from .params import Params
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,8 +57,7 @@ class LocalTrainer:
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
                  batch_size: int = 32, loss_fn: LossFn = F.cross_entropy):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         self.model = model
         self.inputs = inputs
         self.labels = labels

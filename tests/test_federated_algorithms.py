@@ -1,4 +1,4 @@
-"""Spec invariants of the AFA servers and baselines on quadratics (anarchic_fl.md §11).
+"""Invariants of the AFA servers and baselines on quadratics (each test names the one it checks).
 
 Worker i has f_i(x) = ½‖x − c_i‖²; with full gradients, K SGD steps from x give
 y_K − c_i = (1 − η_L)^K (x − c_i), which every test below uses as its reference.
@@ -50,7 +50,7 @@ def run_rounds(server, ks, lr, rounds, step_on_flush=False):
     return server.params["x"]
 
 
-def test_afa_cd_with_server_lr_K_is_plain_fedavg():  # invariant 1
+def test_afa_cd_with_server_lr_K_is_plain_fedavg():
     k, lr = 4, 0.1
     cd = AFACD(local_lr=lr, server_lr=float(k), buffer_size=M, max_staleness=None).init(x0(), M)
     fedavg = FedAvg(local_lr=lr, server_lr=1.0, cohort_size=M).init(x0(), M)
@@ -69,7 +69,7 @@ def test_afa_cd_with_server_lr_K_is_plain_fedavg():  # invariant 1
                           run_rounds(fa2, [k] * M, lr, 7, step_on_flush=True), atol=1e-10, rtol=0)
 
 
-def test_k1_full_participation_is_sgd_on_the_mean_objective():  # invariant 2
+def test_k1_full_participation_is_sgd_on_the_mean_objective():
     lr, eta = 0.2, 3.0
     cd = AFACD(local_lr=lr, server_lr=eta, buffer_size=M, max_staleness=None).init(x0(), M)
     x_cd = run_rounds(cd, [1] * M, lr, 15)
@@ -80,7 +80,7 @@ def test_k1_full_participation_is_sgd_on_the_mean_objective():  # invariant 2
 
 
 @pytest.mark.parametrize("cs_init", ["available_only", "zeros"])
-def test_cs_with_every_worker_reporting_equals_cd_with_m_equal_M(cs_init):  # invariant 3
+def test_cs_with_every_worker_reporting_equals_cd_with_m_equal_M(cs_init):
     lr, ks = 0.05, [1, 3, 2, 7, 4]
     cd = AFACD(local_lr=lr, server_lr=2.0, buffer_size=M, max_staleness=None).init(x0(), M)
     cs = AFACS(local_lr=lr, server_lr=2.0, min_new=M, cs_init=cs_init, max_staleness=None).init(x0(), M)
@@ -104,7 +104,7 @@ def _mean_loss(out, _labels):
 
 
 @pytest.mark.parametrize("k", [1, 5, 20])
-def test_normalised_update_tends_to_the_gradient(k):  # invariant 5
+def test_normalised_update_tends_to_the_gradient(k):
     c = torch.tensor([0.3, 0.1, -0.7])
     model = Quadratic()
     x = model.x.detach().clone()
@@ -118,7 +118,7 @@ def test_normalised_update_tends_to_the_gradient(k):  # invariant 5
         assert err <= 0.5 * lr * k * torch.linalg.norm(x - c) + 1e-12
 
 
-def test_heterogeneous_k_fixed_points_normalised_vs_raw():  # invariant 6
+def test_heterogeneous_k_fixed_points_normalised_vs_raw():
     ks, lr = [1, 2, 5, 10, 20], 0.05
     a = torch.tensor([(1 - (1 - lr) ** k) / (lr * k) for k in ks])
     b = torch.tensor([1 - (1 - lr) ** k for k in ks])
@@ -136,7 +136,7 @@ def test_heterogeneous_k_fixed_points_normalised_vs_raw():  # invariant 6
     assert err_afa * 3 < err_raw  # normalisation pulls the fixed point towards the true optimum
 
 
-def test_cd_arrival_bias_and_cs_none_on_a_periodic_schedule():  # invariant 7
+def test_cd_arrival_bias_and_cs_none_on_a_periodic_schedule():
     centres = torch.zeros(M, D)
     centres[0] = 3.0
     schedule = [0] * 9 + [1, 2, 3, 4]          # worker 0 arrives 9× as often as each other
@@ -160,7 +160,7 @@ def test_cd_arrival_bias_and_cs_none_on_a_periodic_schedule():  # invariant 7
     assert (cs.params["x"] - mean).abs().max() < 1e-10
 
 
-def test_cs_running_sum_matches_memory_after_every_step():  # invariant 8
+def test_cs_running_sum_matches_memory_after_every_step():
     torch.set_default_dtype(torch.float32)
     rng = np.random.default_rng(1)
     n = 20
@@ -177,7 +177,7 @@ def test_cs_running_sum_matches_memory_after_every_step():  # invariant 8
         assert torch.equal(cs.memory[i][:21].reshape(7, 3), delta["w"])
 
 
-def test_staleness_is_version_difference_and_bound_drops_are_counted():  # invariant 9
+def test_staleness_is_version_difference_and_bound_drops_are_counted():
     cd = AFACD(local_lr=0.1, server_lr=1.0, buffer_size=1, max_staleness=2, stale_policy="drop")
     cd.init(x0(), M)
     for _ in range(5):
@@ -284,11 +284,11 @@ def test_bad_server_setup_fails_clearly():
 
 
 @pytest.mark.slow
-def test_spec_prototype_cs_beats_cd_under_skewed_arrivals():
-    """anarchic_fl.md §14 prototype: one class per worker, 10× skewed arrivals, τ ~ U{0..5}.
+def test_prototype_setting_cs_beats_cd_under_skewed_arrivals():
+    """The reference prototype's setting: one class per worker, 10× skewed arrivals, τ ~ U{0..5}.
 
-    The spec measured AFA-CD 0.752 ± 0.041 and AFA-CS 0.942 ± 0.006 (3 seeds) with a
-    throw-away numpy prototype and asks for a generous regression margin.
+    The prototype measured AFA-CD 0.752 ± 0.041 and AFA-CS 0.942 ± 0.006 (3 seeds) with a
+    throw-away numpy prototype; the assertion keeps a generous regression margin.
     """
     from sklearn.datasets import load_digits
 

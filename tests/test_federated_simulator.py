@@ -1,4 +1,5 @@
-"""The in-process anarchic simulator: invariants 4, 9, 10, 11, faults, resume, partitions."""
+"""The in-process anarchic simulator: a zero delay bound is synchronous, staleness accounting,
+determinism per seed, only trainable parameters travel; faults, resume, partitions."""
 import json
 
 import numpy as np
@@ -34,7 +35,7 @@ def run(digits, algorithm, seed=0, model=None, **kw):
     return fl.simulate(model or linear(), train, algorithm, **opts)
 
 
-def test_zero_delay_bound_equals_a_synchronous_replay(digits):  # invariant 4
+def test_zero_delay_bound_equals_a_synchronous_replay(digits):
     res = run(digits, fl.AFACD(local_lr=0.2, server_lr=2.0, buffer_size=3, max_staleness=0),
               record_arrivals=True)
     assert set(res.staleness_histogram) == {0}
@@ -58,7 +59,7 @@ def test_zero_delay_bound_equals_a_synchronous_replay(digits):  # invariant 4
         assert torch.equal(value, res.final_params[name])
 
 
-def test_staleness_accounting_matches_the_arrival_log(digits):  # invariant 9
+def test_staleness_accounting_matches_the_arrival_log(digits):
     res = run(digits, fl.AFACD(local_lr=0.2, server_lr=2.0, buffer_size=2, max_staleness=2),
               record_arrivals=True, steps=20)
     accepted = [a["staleness"] for a in res.arrivals if a["status"] == "accepted"]
@@ -76,7 +77,7 @@ def test_staleness_accounting_matches_the_arrival_log(digits):  # invariant 9
     assert sum(res.participation) == len(accepted)
 
 
-def test_same_seed_is_bit_identical_and_other_seed_differs(digits):  # invariant 10
+def test_same_seed_is_bit_identical_and_other_seed_differs(digits):
     algo = lambda: fl.AFACS(local_lr=0.2, server_lr=2.0, max_staleness=3)  # noqa: E731
     a, b, c = run(digits, algo()), run(digits, algo()), run(digits, algo(), seed=1)
     for name in a.final_params:
@@ -99,7 +100,7 @@ class Mixed(nn.Module):
         return self.head(torch.relu(self.norm(self.frozen(x))))
 
 
-def test_only_trainable_parameters_travel_and_change(digits):  # invariant 11
+def test_only_trainable_parameters_travel_and_change(digits):
     model = Mixed()
     frozen = {n: t.clone() for n, t in model.state_dict().items() if not n.startswith("head")}
     head0 = model.head.weight.detach().clone()
@@ -264,3 +265,19 @@ def test_thousand_workers_hundred_steps_under_a_minute(digits):
     torch.set_num_threads(threads)
     assert res.steps == 100
     assert seconds < 60
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 not a torch file"])
+def test_an_empty_or_corrupt_checkpoint_restarts_the_run_with_a_warning(digits, tmp_path, damage):
+    from lifelong.federated.result import load_checkpoint
+    from lifelong.files import fingerprint
+
+    ckpt = tmp_path / "fed.pt"
+    algo = lambda: fl.AFACD(local_lr=0.2, server_lr=2.0, buffer_size=3)  # noqa: E731
+    full = run(digits, algo(), steps=4)
+    ckpt.write_bytes(damage)
+    with pytest.warns(RuntimeWarning, match="fed.pt' is empty or corrupt"):
+        again = run(digits, algo(), steps=4, checkpoint=ckpt, checkpoint_every=2)
+    assert full.history == again.history
+    state = load_checkpoint(ckpt)   # rewritten whole, and fingerprinted with the shared helper
+    assert state["fingerprint"] == fingerprint(state["config"])
