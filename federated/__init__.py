@@ -1,26 +1,28 @@
 """Anarchic federated learning: AFA-CD, AFA-CS, baselines and an in-process simulator.
 
-Servers work on dicts of trainable tensors (only those travel); `simulate` runs a
+Servers work on dicts of trainable tensors (only those travel) and take their settings as
+keywords or as a validated config dataclass (`AFACDConfig`, ...); `simulate` runs a
 federation of anarchic workers on a virtual clock. The Flower bridge lives in
 `lifelong.federated.flower` and imports `flwr` only when that module is imported.
 """
 from .adapter import adapter_bytes, federate_adapter
-from .afa_cd import AFACD
-from .afa_cs import AFACS
-from .fedavg import FedAvg
-from .fedbuff import FedBuff
+from .afa_cd import AFACD, AFACDConfig
+from .afa_cs import AFACS, AFACSConfig, MemoryConfig
+from .fedavg import FedAvg, FedAvgConfig
+from .fedbuff import FedBuff, FedBuffConfig
 from .heterogeneity import Faults, FixedSteps, LocalSteps, PerWorkerSteps, Speed, TimeBudget, UniformSteps
-from .mifa import MIFA
+from .mifa import MIFA, MIFAConfig
 from .params import ParamSpec, load_params, nbytes, trainable_params
 from .participation import Bernoulli, MarkovOnOff, Participation, Periodic, Trace, label_correlated
 from .partition import IID, ClassesPerWorker, Dirichlet, Partitioner, Shards, label_histograms
 from .result import SimulationResult
-from .server import Server, Update, polynomial_staleness
+from .server import Server, ServerConfig, Update, polynomial_staleness
 from .simulator import simulate
 from .worker import LocalTrainer, WorkerCrash, dataset_tensors
 
 __all__ = [
     "AFACD", "AFACS", "FedAvg", "FedBuff", "MIFA", "Server", "Update", "polynomial_staleness",
+    "ServerConfig", "AFACDConfig", "AFACSConfig", "MemoryConfig", "FedAvgConfig", "FedBuffConfig", "MIFAConfig",
     "simulate", "SimulationResult", "LocalTrainer", "WorkerCrash", "dataset_tensors",
     "IID", "Dirichlet", "Shards", "ClassesPerWorker", "Partitioner", "label_histograms",
     "Bernoulli", "MarkovOnOff", "Periodic", "Trace", "Participation", "label_correlated",
