@@ -22,6 +22,7 @@ from ..files import atomic_write
 from .base import RESIDUAL_BUFFERS, AdaptedLayer, Adapter, SavedModule
 from .config import AdapterConfig
 from .registry import get_method, make_config
+from .signature import plain_class, rebuild, signature_class
 from .targeting import find_targets, iter_layers, name_matches, set_submodule
 
 CONFIG_FILE = "adapter_config.json"
@@ -31,13 +32,19 @@ FORMAT_VERSION = 1
 
 
 class AdaptedModel(nn.Module):
-    """A base model carrying one or more named adapters (PEFT's ``PeftModel`` counterpart)."""
+    """A base model carrying one or more named adapters (PEFT's ``PeftModel`` counterpart).
+
+    The instance's class is a subclass made for the base model's class whose ``forward`` shows
+    the base's signature (see :mod:`.signature`), so the Hugging Face Trainer keeps the dataset
+    columns and finds the label names as it does for the base model.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         if isinstance(model, AdaptedModel):
             raise TypeError("model is already an AdaptedModel; call add_adapter on it instead")
         self.base_model = model
+        self.__class__ = signature_class(type(self), type(model))
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
         for p in model.parameters():
@@ -53,6 +60,30 @@ class AdaptedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        # The signature class is made at run time: rebuild it from the plain class and base class.
+        return rebuild, (plain_class(type(self)), type(self.base_model)), self.__dict__
+
+    # ---- PEFT-compatible names ---------------------------------------------------------------
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with its adapted layers), as PEFT's ``get_base_model``."""
+        return self.base_model
+
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        """Adapter name -> config, as PEFT's ``peft_config``."""
+        return self.configs
+
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """PEFT's name for :meth:`merge` (of the active adapters, or of ``adapter_names``)."""
+        if adapter_names is not None and list(adapter_names) != self.active_adapters:
+            self.set_adapter(list(adapter_names))
+        self.merge()
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's name for :meth:`unmerge`."""
+        self.unmerge()
 
     # ---- adapters ------------------------------------------------------------------------
     @property
@@ -277,6 +308,40 @@ class AdaptedModel(nn.Module):
                 if adapter_name in module.copies:
                     module.copies[adapter_name].requires_grad_(False)
 
+    @torch.no_grad()
+    def load_adapter_weights(self, directory: str | os.PathLike) -> list[str]:
+        """Copy the tensors saved by :meth:`save_pretrained` into this model's existing adapters of
+        the same names, in place (the optimizer keeps its parameters): resuming a run. Returns
+        the adapter names read. Keys, shapes and methods are checked before anything is copied."""
+        folders = adapter_folders(Path(directory))
+        plan = []
+        for name, folder in folders.items():
+            meta, tensors = read_checkpoint(folder)
+            if name not in self.configs or self.configs[name].method != meta["method"]:
+                raise ValueError(
+                    f"{str(folder)!r} holds a {meta['method']!r} adapter {name!r}, but this model's adapters are "
+                    f"{ {n: c.method for n, c in self.configs.items()} }"
+                )
+            current = self.adapter_state_dict(name)
+            missing, unknown = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
+            wrong = [k for k in current if k in tensors and tensors[k].shape != current[k].shape]
+            if missing or unknown or wrong:
+                raise ValueError(f"checkpoint {str(folder)!r} does not fit adapter {name!r}: missing {missing[:5]}, "
+                                 f"unexpected {unknown[:5]}, shape mismatch {wrong[:5]}")
+            plan.append((name, current, tensors))
+        if any(layer.merged for layer in self.adapted_layers()):
+            raise RuntimeError("unmerge() before loading adapter weights")
+        for name, current, tensors in plan:
+            layers = [layer for layer in self.adapted_layers() if name in layer.adapters]
+            for layer in layers:  # a changed residual must move the base weight with it
+                layer.adapters[name].detach_from(layer.base_layer)
+            for key, target in current.items():
+                target.copy_(tensors[key].to(target.device, target.dtype))
+            for layer in layers:
+                layer.adapters[name].attach(layer.base_layer)
+        self._refresh_trainable()  # loaded state may freeze tensors (LaMDA's frozen PMB columns)
+        return list(folders)
+
     def _load_saved_modules(self, adapter_name: str, names: list[str], state: dict[str, Tensor]) -> None:
         for name in names:
             prefix = f"{SAVED_PREFIX}{name}."
@@ -372,6 +437,21 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
     return meta, load_file(str(weights_path))
 
 
+def adapter_folders(root: Path) -> dict[str, Path]:
+    """Adapter name -> folder: ``default`` at the top of ``root``, any other in a sub-folder."""
+    folders = {"default": root} if (root / CONFIG_FILE).is_file() else {}
+    if root.is_dir():
+        folders.update({p.name: p for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file()})
+    if not folders:
+        hint = ""
+        if (root / "model.safetensors").is_file():
+            hint = (": it holds a full model state dict, as the plain transformers Trainer writes for a model it does "
+                    "not know; train with lifelong.adapters.callbacks.AdapterTrainer (or call "
+                    "model.save_pretrained) to save the adapter")
+        raise FileNotFoundError(f"no saved adapter in {str(root)!r} (expected {CONFIG_FILE}){hint}")
+    return folders
+
+
 def wrap(model: nn.Module, method: str | AdapterConfig, *, adapter_name: str = "default", **options: Any) -> AdaptedModel:
     """Put an adapter on ``model``: ``wrap(model, "bone", r=64, target_modules=["query"])``.
 
@@ -398,11 +478,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, adapter_name: str | 
     sub-folder; ``adapter_name`` picks one of them only.
     """
     root = Path(directory)
-    folders = {"default": root} if (root / CONFIG_FILE).is_file() else {}
-    if root.is_dir():
-        folders.update({p.name: p for p in sorted(root.iterdir()) if (p / CONFIG_FILE).is_file()})
-    if not folders:
-        raise FileNotFoundError(f"no saved adapter in {str(root)!r} (expected {CONFIG_FILE})")
+    folders = adapter_folders(root)
     if adapter_name is not None:
         if adapter_name not in folders:
             raise ValueError(f"no adapter {adapter_name!r} in {str(root)!r}; found {sorted(folders)}")
