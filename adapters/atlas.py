@@ -101,8 +101,10 @@ class AtlasConfig(AdapterConfig):
     to safetensors files written by :func:`save_task_vector` (runtime only, never in JSON).
     ``block_filter``: None (every parameter), ``"weights"`` (tensors with >= 2 dims) or a regex
     that must match the full parameter name. ``exclude``: task-vector names to drop (e.g. the
-    target's own). ``task_vector_names``, ``blocks`` and ``tv_shapes`` are resolved at wrap time
-    and saved, so a checkpoint rebuilds the same shapes.
+    target's own). ``task_vector_names``, ``blocks`` and ``tied_blocks`` are resolved at wrap time
+    and saved, so a checkpoint rebuilds the same shapes. ``tied_blocks`` maps each block that is
+    the same tensor as another (tied weights, e.g. GPT-2's ``lm_head.weight`` and
+    ``transformer.wte.weight``) to the block that owns its coefficients.
     """
 
     task_vectors: Any = None
@@ -119,6 +121,7 @@ class AtlasConfig(AdapterConfig):
     task_vector_names: list[str] = field(default_factory=list)
     task_vector_files: list[str | None] = field(default_factory=list)
     blocks: list[str] = field(default_factory=list)
+    tied_blocks: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         super().validate()
@@ -336,8 +339,64 @@ def _read_layer(config: AtlasConfig, prefix: str, attrs: list[str], base: nn.Mod
         with safe_open(path, framework="pt") as handle:
             keys = set(handle.keys())
             for attr in attrs:
-                if prefix + attr in keys:
-                    out[attr][i].copy_(handle.get_tensor(prefix + attr))
+                found = [k for k in tie_group(config.tied_blocks, prefix + attr) if k in keys]
+                if found:
+                    out[attr][i].copy_(handle.get_tensor(found[0]))
+    return out
+
+
+def tie_group(tied: dict[str, str], block: str) -> list[str]:
+    """``block`` first, then every block that is the same tensor as it."""
+    owner = tied.get(block, block)
+    return [block] + [b for b in [owner, *sorted(k for k, v in tied.items() if v == owner)] if b != block]
+
+
+def _tie_blocks(model: nn.Module, blocks: list[str], targets: dict[str, nn.Module]) -> tuple[list[str], dict[str, str]]:
+    """Add every leaf parameter that is the same tensor as a block (tied weights) and map each to
+    the first block of its group. Merging writes a tied tensor once for all its modules, so every
+    module using it must compose it with the same coefficients; otherwise the unmerged model (each
+    module with its own λ, or none) differs from the merged one. Modules added here join
+    ``targets`` even outside ``target_modules``: the merge changes them anyway."""
+    leaf = _leaf_parameters(model)
+    groups: dict[int, list[str]] = {}
+    for name, param in leaf.items():
+        groups.setdefault(id(param), []).append(name)
+    modules = dict(iter_layers(model))
+    out, tied = set(blocks), {}
+    for block in blocks:
+        group = sorted(groups.get(id(leaf[block]), [block])) if block in leaf else [block]
+        for name in group[1:]:
+            tied[name] = group[0]
+            out.add(name)
+            layer = name.rpartition(".")[0]
+            targets.setdefault(layer, modules[layer])
+        out.add(group[0])
+    return sorted(out), tied
+
+
+def _share_tied_entries(tvs: dict[str, TaskVector], tied: dict[str, str]) -> dict[str, TaskVector]:
+    """Give every name of a tied group the group's task-vector entry (a state-dict difference
+    holds both names, ``named_parameters`` only one); differing entries are an error."""
+    if not tied:
+        return tvs
+    out = {}
+    for tv_name, tv in tvs.items():
+        tv = dict(tv)
+        for owner in sorted(set(tied.values())):
+            names = tie_group(tied, owner)
+            present = [n for n in names if n in tv]
+            if not present:
+                continue
+            first = tv[present[0]]
+            differ = [n for n in present[1:] if not torch.equal(tv[n].to(first.device, first.dtype), first)]
+            if differ:
+                raise ValueError(
+                    f"task vector {tv_name!r} has different entries for the tied parameters {[present[0], *differ]}; "
+                    "they are one tensor in this model: keep one entry (or give them equal values)"
+                )
+            for n in names:
+                tv[n] = first
+        out[tv_name] = tv
     return out
 
 
@@ -401,6 +460,8 @@ class AtlasAdapter(Adapter):
                 f"no parameter of the targeted modules is touched by the task vectors (block_filter={config.block_filter!r}); "
                 f"targeted modules: {sorted(targets)[:10]}"
             )
+        blocks, config.tied_blocks = _tie_blocks(model, blocks, targets)
+        tvs = _share_tied_entries(tvs, config.tied_blocks)
         config.blocks = blocks
         layers = sorted({b.rpartition(".")[0] for b in blocks})
         for name in [n for n in targets if n not in layers]:
@@ -421,6 +482,7 @@ class AtlasAdapter(Adapter):
     def __init__(self, base: nn.Module, config: AtlasConfig, layer_name: str, context: Any, init: bool):
         super().__init__(base, config, layer_name, context, init)
         prefix = f"{layer_name}."
+        self.tied_attrs: set[str] = set()  # blocks whose tensors belong to another layer's adapter (see link)
         self.block_attrs = [b[len(prefix):] for b in config.blocks if b.startswith(prefix) and "." not in b[len(prefix):]]
         context = context or {}
         taus = context.get("tau") or _stack_layer(config.task_vectors, prefix, self.block_attrs, base, TV_DTYPES[config.tv_dtype])
@@ -442,6 +504,32 @@ class AtlasAdapter(Adapter):
             if config.granularity == "partition":
                 ids = _partition_ids(param.shape, config, f"{prefix}{attr}", device)
                 self.register_buffer(f"part_{attr}", ids, persistent=False)
+
+    @classmethod
+    def link(cls, adapters: dict[str, Adapter]) -> None:
+        """Share tensors across layers: one global λ; and for tied blocks the owner's λ, τ and
+        partition ids, with the merge of a tied block left to its owner."""
+        if not adapters:
+            return
+        first = next(iter(adapters.values()))
+        config = first.config
+        if config.granularity == "global":
+            for adapter in adapters.values():
+                adapter.coef = first.coef
+        for alias, owner in config.tied_blocks.items():
+            alias_layer, _, alias_attr = alias.rpartition(".")
+            owner_layer, _, owner_attr = owner.rpartition(".")
+            if alias_layer not in adapters or owner_layer not in adapters:
+                raise ValueError(f"aTLAS tied blocks {alias!r} and {owner!r} must both be adapted")
+            source, target = adapters[owner_layer], adapters[alias_layer]
+            for kind in ("tau", "coef", "part"):
+                key = f"{kind}_{owner_attr}"
+                if kind == "coef" and config.granularity != "global":
+                    target.register_parameter(f"coef_{alias_attr}", source.get_parameter(key))
+                elif kind != "coef" and hasattr(source, key):
+                    persistent = key not in source._non_persistent_buffers_set
+                    target.register_buffer(f"{kind}_{alias_attr}", source.get_buffer(key), persistent=persistent)
+            target.tied_attrs.add(alias_attr)
 
     def coefficient(self, attr: str) -> Tensor:
         return self.coef if self.config.granularity == "global" else self.get_parameter(f"coef_{attr}")
@@ -469,8 +557,10 @@ class AtlasAdapter(Adapter):
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
-        self._original = {attr: getattr(base, attr).detach().clone() for attr in self.block_attrs}
-        for attr, value in self.composed(base).items():
+        owned = [a for a in self.block_attrs if a not in self.tied_attrs]  # a tied block is merged by its owner
+        self._original = {attr: getattr(base, attr).detach().clone() for attr in owned}
+        values = {attr: getattr(base, attr) + self.block_delta(attr, getattr(base, attr).dtype) for attr in owned}
+        for attr, value in values.items():
             getattr(base, attr).copy_(value)
 
     @torch.no_grad()

@@ -44,6 +44,9 @@ class Adapter(nn.Module):
     layer_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
     rewrites_weight: ClassVar[bool] = False
     mergeable: ClassVar[bool] = True
+    # Set by the model wrapper: the model is rebuilt from its config when loaded (a Hugging Face
+    # PreTrainedModel), so a parameter that a merge adds (a new bias) is dropped by save_pretrained.
+    fixed_architecture: bool = False
 
     def __init__(self, base: nn.Module, config: AdapterConfig, layer_name: str, context: Any, init: bool):
         super().__init__()
@@ -59,6 +62,11 @@ class Adapter(nn.Module):
         ``config`` (e.g. ``rank_pattern``) so that a saved adapter reloads with the same shapes.
         """
         return {}
+
+    @classmethod
+    def link(cls, adapters: dict[str, "Adapter"]) -> None:
+        """Model-level step once every layer's adapter of one adapter name is built (and, when
+        loading, filled): e.g. share tensors between layers. Runs before the layers change."""
 
     @classmethod
     def supported_types(cls, config: AdapterConfig) -> tuple[type[nn.Module], ...]:
@@ -163,6 +171,8 @@ class AdaptedLayer(nn.Module):
             return getattr(self.base_layer, name)  # weight, in_features, ... as the model expects
 
     def add(self, name: str, adapter: Adapter) -> None:
+        if name in self.adapters:  # replacing it would lose its residual base
+            raise ValueError(f"layer {adapter.layer_name!r} already has an adapter named {name!r}")
         self.adapters[name] = adapter
         adapter.attach(self.base_layer)
 
@@ -208,7 +218,12 @@ class AdaptedLayer(nn.Module):
         return y
 
     def merge(self) -> None:
-        for name in self.active:
+        """Merge the active adapters in the order the forward applies them: weight rewriters
+        first, then the output-side adapters (merging an additive ΔW before a rewrite would lose
+        it)."""
+        order = [n for n in self.active if self.adapters[n].rewrites_weight]
+        order += [n for n in self.active if not self.adapters[n].rewrites_weight]
+        for name in order:
             if name not in self.merged:
                 self.adapters[name].merge(self.base_layer)
                 self.merged.append(name)

@@ -43,6 +43,7 @@ class AdaptedModel(nn.Module):
         super().__init__()
         if isinstance(model, AdaptedModel):
             raise TypeError("model is already an AdaptedModel; call add_adapter on it instead")
+        check_not_adapted(model)
         self.base_model = model
         self.__class__ = signature_class(type(self), type(model))
         self.configs: dict[str, AdapterConfig] = {}
@@ -76,7 +77,8 @@ class AdaptedModel(nn.Module):
         return self.configs
 
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        """PEFT's name for :meth:`merge` (of the active adapters, or of ``adapter_names``)."""
+        """PEFT's name for :meth:`merge`: of the active adapters, or of ``adapter_names`` (which
+        then become the active ones)."""
         if adapter_names is not None and list(adapter_names) != self.active_adapters:
             self.set_adapter(list(adapter_names))
         self.merge()
@@ -116,12 +118,20 @@ class AdaptedModel(nn.Module):
         saved = self._saved_module_names(config)
         if _state is not None:
             load_tensors(adapter_name, built, saved, _state)
-        for name, adapter in built.items():
-            self._layer_for(name, targets[name]).add(adapter_name, adapter)
-        for name in saved:
-            self._saved_for(name).add(adapter_name)
-        if _state is not None:
-            self._load_saved_modules(adapter_name, saved, _state)
+        spec.adapter_cls.link(built)
+        fixed = rebuilt_from_config(self.base_model)
+        for adapter in built.values():
+            adapter.fixed_architecture = fixed
+        try:
+            for name, adapter in built.items():
+                self._layer_for(name, targets[name]).add(adapter_name, adapter)
+            for name in saved:
+                self._saved_for(name).add(adapter_name)
+            if _state is not None:
+                self._load_saved_modules(adapter_name, saved, _state)
+        except BaseException:
+            self._discard(adapter_name)  # leave the model as it was before this call
+            raise
         self.configs[adapter_name] = config
         if not self.active_adapters:
             self.set_adapter(adapter_name)
@@ -143,6 +153,20 @@ class AdaptedModel(nn.Module):
         for module in self.saved_modules():
             module.active = names[0]
         self._refresh_trainable()
+
+    def _discard(self, adapter_name: str) -> None:
+        """Remove a partly installed adapter and unwrap the layers it left empty."""
+        for name, module in list(iter_layers(self.base_model)):
+            if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
+                module.remove(adapter_name)
+                if not module.adapters:
+                    set_submodule(self.base_model, name, module.base_layer)
+            elif isinstance(module, SavedModule) and adapter_name in module.copies:
+                del module.copies[adapter_name]
+                if not module.copies:
+                    set_submodule(self.base_model, name, module.original)
+        self.configs.pop(adapter_name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.configs:
@@ -386,6 +410,30 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
+def check_not_adapted(model: nn.Module) -> None:
+    """Refuse a model whose layers already carry lifelong adapters (re-running ``ll.wrap(base, ...)``
+    on the same base would overwrite them and lose their residual bases)."""
+    held = sorted({name for m in model.modules() if isinstance(m, AdaptedLayer) for name in m.adapters}
+                  | {name for m in model.modules() if isinstance(m, SavedModule) for name in m.copies})
+    layers = sum(isinstance(m, (AdaptedLayer, SavedModule)) for m in model.modules())
+    if layers:
+        raise ValueError(
+            f"this model already carries lifelong adapters {held} on {layers} layers (it was wrapped before); "
+            "add another with adapted.add_adapter(name, method, ...) on the model ll.wrap returned, or first "
+            "remove them with adapted.unload() (or merge_and_unload())"
+        )
+
+
+def rebuilt_from_config(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face PreTrainedModel (its save/load rebuilds the layers
+    from the config, so only the parameters the config declares survive)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
 def check_adapter_name(name: str, existing: dict[str, Any]) -> None:
     if not isinstance(name, str) or not name or "." in name or "/" in name:
         raise ValueError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
@@ -483,7 +531,21 @@ def load(model: nn.Module, directory: str | os.PathLike, *, adapter_name: str | 
         if adapter_name not in folders:
             raise ValueError(f"no adapter {adapter_name!r} in {str(root)!r}; found {sorted(folders)}")
         folders = {adapter_name: folders[adapter_name]}
-    adapted = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
-    for name, folder in folders.items():
-        adapted.load_adapter(folder, name, is_trainable=is_trainable)
+    if isinstance(model, AdaptedModel):
+        adapted, flags = model, None
+    else:
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        adapted = AdaptedModel(model)
+    loaded: list[str] = []
+    try:
+        for name, folder in folders.items():
+            adapted.load_adapter(folder, name, is_trainable=is_trainable)
+            loaded.append(name)
+    except BaseException:
+        for name in reversed(loaded):  # leave the model exactly as it was given
+            adapted._discard(name)
+        if flags is not None:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        raise
     return adapted

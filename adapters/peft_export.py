@@ -1,16 +1,21 @@
 """Export LoRA-shaped adapters (CorDA, KORE, LaMDA) as a PEFT ``LoraConfig`` checkpoint.
 
-Each exported layer becomes a plain PEFT LoRA layer ``y = W_res x + b + s·B A x``:
+Each exported layer becomes a plain PEFT LoRA layer ``y = W x + b + s·B A x``:
 
 - CorDA / KORE: ``lora_A = A``, ``lora_B = B``, ``s`` = the adapter's scaling (1 for KORE);
 - LaMDA: ``lora_A = A``, ``lora_B = B·S`` (S folded into B; frozen PMB columns as frozen).
 
 Per-layer ranks and scalings go into ``rank_pattern`` / ``alpha_pattern`` (``alpha = s·r``,
 ``use_rslora=False``), so PEFT's scaling equals ours whatever rsLoRA or rank choices were made.
-Methods that changed the base weight at init write the residual base beside the adapter, as
-PEFT's CorDA/PiSSA conversion does: ``residual_weights.safetensors`` holds ``W − (this adapter's
-residual)`` for each such layer; :func:`load_residual_base` puts them into a fresh copy of the
-base model, on which ``peft.PeftModel.from_pretrained(model, directory)`` reproduces our outputs.
+
+These methods initialise from the weight and leave a residual base ``W_res = W − R`` (R =
+``residual_up @ residual_down``). By default (``residual="convert"``) the export follows PEFT's
+conversion of PiSSA / CorDA / OLoRA adapters (``save_pretrained(...,
+path_initial_model_for_weight_conversion=...)``): the update relative to the *original* W,
+``s·B A − R``, is written as one LoRA of rank ``r + rank(R)`` with ``A' = [A; R_down]`` and
+``B' = [B, −R_up / s]``, so a plain ``PeftModel.from_pretrained(fresh_base, directory)`` is exact.
+``residual="base"`` keeps rank r and writes ``residual_weights.safetensors`` (``W_res`` per
+layer) instead: load it with :func:`load_in_peft`, or :func:`load_residual_base` then PEFT.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .model import AdaptedModel, atomic_write
 
 RESIDUAL_FILE = "residual_weights.safetensors"
 EXPORTABLE = ("corda", "kore", "lamda")
+RESIDUAL_MODES = ("convert", "base")
 
 
 def lora_factors(adapter: nn.Module) -> tuple[Tensor, Tensor, float]:
@@ -49,14 +55,39 @@ def original_base_weight(layer: nn.Module, adapter_name: str) -> Tensor:
     return weight.to(layer.base_layer.weight.dtype)
 
 
-def export_peft(model: AdaptedModel, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) and, when the
-    method changed base weights, ``residual_weights.safetensors``. Returns the folder."""
-    from peft import LoraConfig
+def converted_factors(adapter: nn.Module, a: Tensor, b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(A', B')`` with ``s·B'A' = s·B A − R``: the update relative to the original weight."""
+    up, down = adapter.residual_up.float(), adapter.residual_down.float()
+    a2 = torch.cat([a.float(), down], dim=0)
+    b2 = torch.cat([b.float(), -up / scale], dim=1)
+    return a2.to(a.dtype), b2.to(b.dtype)
 
-    adapter_name = adapter_name or model.active_adapter
+
+def chosen_adapter(model: AdaptedModel, adapter_name: str | None) -> str:
+    """The adapter to export: the named one, or the only active one (PEFT loads one LoRA per folder)."""
+    if adapter_name is None:
+        if len(model.active_adapters) > 1:
+            raise ValueError(
+                f"adapters {model.active_adapters} are active together; a PEFT LoRA folder holds one adapter: "
+                f"export each with export_peft(model, directory, adapter_name=...) (PEFT composes loaded adapters "
+                "with add_weighted_adapter), or merge them with lifelong's merge_and_unload"
+            )
+        adapter_name = model.active_adapter
     if adapter_name not in model.configs:
         raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(model.configs)}")
+    return adapter_name
+
+
+def export_peft(model: AdaptedModel, directory: str | os.PathLike, adapter_name: str | None = None, *,
+                residual: str = "convert") -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format). ``residual``:
+    ``"convert"`` (a LoRA on the original weights; plain ``PeftModel.from_pretrained`` is exact) or
+    ``"base"`` (rank r plus ``residual_weights.safetensors``, see the module docstring)."""
+    from peft import LoraConfig
+
+    if residual not in RESIDUAL_MODES:
+        raise ValueError(f"residual must be one of {list(RESIDUAL_MODES)}, got {residual!r}")
+    adapter_name = chosen_adapter(model, adapter_name)
     config = model.configs[adapter_name]
     if config.method not in EXPORTABLE:
         raise ValueError(f"PEFT export supports adapters {list(EXPORTABLE)}, not {config.method!r}")
@@ -74,11 +105,13 @@ def export_peft(model: AdaptedModel, directory: str | os.PathLike, adapter_name:
         adapter = layer.adapters[adapter_name]
         a, b, scale = lora_factors(adapter)
         name = adapter.layer_name
+        if adapter.has_residual and residual == "convert":
+            a, b = converted_factors(adapter, a, b, scale)
+        elif adapter.has_residual:
+            residuals[f"{name}.weight"] = original_base_weight(layer, adapter_name).cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.cpu().contiguous().clone()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.cpu().contiguous().clone()
         ranks[name], alphas[name] = a.shape[0], scale * a.shape[0]
-        if adapter.has_residual:
-            residuals[f"{name}.weight"] = original_base_weight(layer, adapter_name).cpu().contiguous()
     r0 = max(ranks.values())
     lora = LoraConfig(
         r=r0, lora_alpha=alphas[next(n for n in ranks if ranks[n] == r0)], target_modules=sorted(ranks),
@@ -92,6 +125,8 @@ def export_peft(model: AdaptedModel, directory: str | os.PathLike, adapter_name:
     atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     if residuals:
         atomic_write(folder / RESIDUAL_FILE, lambda p: save_file(residuals, str(p), metadata={"method": config.method}))
+    elif (folder / RESIDUAL_FILE).is_file():
+        (folder / RESIDUAL_FILE).unlink()  # left by an earlier export: it would shift this one
     return folder
 
 

@@ -10,9 +10,12 @@ shape test as in the reference code. Init follows the reference (``γ ~ N(1, σ�
 ``β ~ N(0, σ²)``, σ = 0.02) or ``init="identity"`` (γ = 1, β = 0) for an exact start.
 
 Merge (ours; the reference has none): the affine map folds into the preceding operation's
-per-output-channel parameters, ``W'[o] = γ[o] W[o]`` and ``b' = γ ⊙ b + β`` (a missing bias is
-created; for a norm the affine weight plays W). A norm with a weight but no bias (RMSNorm) can
-only absorb β = 0. Unmerge restores a copy of the original tensors instead of dividing by γ.
+per-output-channel parameters, ``W'[o] = γ[o] W[o]`` and ``b' = γ ⊙ b + β`` (for a norm the affine
+weight plays W). A missing bias is created in a plain torch model; in a Hugging Face model the
+merge is refused for such a layer (while β ≠ 0), because ``save_pretrained`` / ``from_pretrained``
+rebuild the layer from its config and drop the new bias. A norm with a weight but no bias
+(RMSNorm) can only absorb β = 0. Unmerge restores a copy of the original tensors instead of
+dividing by γ.
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ class SSFAdapter(Adapter):
 
     @classmethod
     def default_targets(cls, model: nn.Module) -> list[str]:
-        """Every Linear, Conv and LayerNorm/BatchNorm but the head: the positions SSF can always
-        be merged into (an RMSNorm has no bias to absorb β, so it is only used when named)."""
+        """Every Linear, Conv and LayerNorm/BatchNorm but the head: the positions SSF merges into
+        in a plain torch model (an RMSNorm has no bias to absorb β, so it is only used when named;
+        a bias-free layer of a Hugging Face model refuses the merge, see the module docstring)."""
         mergeable = (nn.Linear, nn.Conv1d, nn.Conv2d, *NORMS)
         return list(find_targets(model, ALL_SUPPORTED, None, mergeable, "ssf"))
 
@@ -111,8 +115,17 @@ class SSFAdapter(Adapter):
         return ssf_linear(x, base.weight, base.bias, self.scale.to(x.dtype), self.shift.to(x.dtype))
 
     def merge_blocker(self, base: nn.Module) -> str | None:
-        if is_rms_norm(base) and getattr(base, "bias", None) is None and bool(self.shift.ne(0).any()):
+        if getattr(base, "bias", None) is not None or not bool(self.shift.ne(0).any()):
+            return None
+        if is_rms_norm(base):
             return f"{type(base).__name__} has no bias to absorb the SSF shift β; keep this adapter unmerged"
+        if self.fixed_architecture:
+            return (
+                f"{type(base).__name__} {self.layer_name!r} has no bias to absorb the SSF shift β: merging would create "
+                "one, which Hugging Face save_pretrained / from_pretrained drop (the model config declares no bias there), "
+                "so the saved merged model would silently differ; keep this adapter unmerged, or target layers that "
+                "have a bias"
+            )
         return None
 
     @torch.no_grad()

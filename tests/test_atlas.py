@@ -332,3 +332,49 @@ def test_atlas_beside_another_adapter_on_the_same_layer(setup):
     # both are additive on a Linear: composed output = base + bone's term + atlas's term
     torch.testing.assert_close(both, bone_only + atlas_only - plain, rtol=0, atol=1e-5)
     assert not torch.allclose(both, bone_only, atol=1e-3) and not torch.allclose(both, atlas_only, atol=1e-3)
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("source", ["state_dict", "named_parameters", "embedding_only"])
+@pytest.mark.parametrize("granularity", ["block", "partition"])
+def test_tied_weights_compose_once_so_merged_equals_unmerged(source: str, granularity: str, tmp_path) -> None:
+    """GPT-2 ties lm_head.weight to transformer.wte.weight: both modules must see one composed
+    tensor (one λ), and the merge must write it once."""
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    g = torch.Generator().manual_seed(1)
+    entries = dict(model.state_dict() if source == "state_dict" else model.named_parameters())
+    keep = ["transformer.wte.weight"] if source == "embedding_only" else [k for k in entries if "attn.bias" not in k]
+    tv = {k: 0.1 * torch.randn(entries[k].shape, generator=g) for k in keep}
+    if source == "state_dict":
+        tv["lm_head.weight"] = tv["transformer.wte.weight"]
+    options = {"partitions": 3} if granularity == "partition" else {}
+    m = ll.wrap(copy.deepcopy(model), "atlas", task_vectors=[tv], granularity=granularity, **options)
+    assert m.configs["default"].tied_blocks == {"transformer.wte.weight": "lm_head.weight"}
+    with torch.no_grad():
+        for p in m.trainable_parameters():
+            p.add_(0.5 + torch.rand(p.shape, generator=g))
+    ids = torch.randint(0, 64, (2, 6), generator=g)
+    live = m(input_ids=ids).logits.detach()
+    m.save_pretrained(tmp_path)
+    m.merge()
+    torch.testing.assert_close(m(input_ids=ids).logits, live, rtol=0, atol=1e-5)
+    m.unmerge()
+    reloaded = ll.load(copy.deepcopy(model), tmp_path)
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, live, rtol=0, atol=1e-5)
+    reloaded.merge()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, live, rtol=0, atol=1e-5)
+
+
+def test_tied_entries_that_differ_are_refused() -> None:
+    model = tiny_gpt2()
+    tv = {"transformer.wte.weight": torch.ones_like(model.transformer.wte.weight), "lm_head.weight": torch.zeros_like(model.lm_head.weight)}
+    with pytest.raises(ValueError, match="tied parameters"):
+        ll.wrap(model, "atlas", task_vectors=[tv])

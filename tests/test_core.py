@@ -165,3 +165,76 @@ def test_delete_and_unload_restore_the_base() -> None:
     plain = m.unload()
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(v, reference[k], rtol=0, atol=1e-5)
+
+
+def snapshot(model: nn.Module) -> tuple[dict, dict, list]:
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            [type(m).__name__ for m in model.modules()])
+
+
+def assert_unchanged(model: nn.Module, before: tuple[dict, dict, list]) -> None:
+    state, flags, types = snapshot(model)
+    assert types == before[2] and flags == before[1] and state.keys() == before[0].keys()
+    for k, v in state.items():
+        assert torch.equal(v, before[0][k]), k
+
+
+def test_merging_additive_then_weight_rewriting_composition_matches_the_forward() -> None:
+    """[bone, welore]: the forward rewrites W (WeLore) and then adds bone's term, so the merge
+    must apply WeLore first; merging bone first would be overwritten by WeLore's up·down."""
+    torch.manual_seed(0)
+    m = ll.wrap(MLP(), "bone", r=4, target_modules=["fc1", "fc2"])
+    m.add_adapter("low", "welore", ratio=0.3, target_modules=["fc1", "fc2"])
+    assert any(layer.adapters["low"].rewrites_weight for layer in m.adapted_layers())
+    m.set_adapter(["default", "low"])
+    with torch.no_grad():
+        for layer in m.adapted_layers():
+            layer.adapters["default"].block.normal_(0, 0.3)
+    x = torch.randn(5, 16)
+    live = m(x)
+    weights = [layer.base_layer.weight.clone() for layer in m.adapted_layers()]
+    m.merge()
+    torch.testing.assert_close(m(x), live, rtol=0, atol=1e-5)
+    m.unmerge()
+    for layer, w in zip(m.adapted_layers(), weights):
+        torch.testing.assert_close(layer.base_layer.weight, w, rtol=0, atol=1e-6)
+
+
+def test_wrapping_an_already_wrapped_base_again_raises_and_changes_nothing(tmp_path) -> None:
+    """Re-running ``m = ll.wrap(base, ...)`` in a notebook: the base holds CorDA's residual."""
+    torch.manual_seed(0)
+    base = MLP()
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    calibration = [torch.randn(8, 16) for _ in range(2)]
+    m = ll.wrap(base, "corda", r=4, target_modules=["fc1", "fc2"], calibration=calibration, progress=False)
+    m.save_pretrained(tmp_path)
+    before = snapshot(base)
+    with pytest.raises(ValueError, match="already carries lifelong adapters"):
+        ll.wrap(base, "bone", r=4, target_modules=["fc1"])
+    with pytest.raises(ValueError, match="already carries lifelong adapters"):
+        ll.load(base, tmp_path)
+    assert_unchanged(base, before)
+    m.delete_adapter("default")
+    plain = m.unload()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(v, original[k], rtol=0, atol=1e-5)
+
+
+def test_failed_load_leaves_the_model_exactly_as_given(tmp_path) -> None:
+    m = ll.wrap(MLP(), "bone", r=4, target_modules=["fc1"], modules_to_save=["head"])
+    m.add_adapter("two", "ssf", target_modules=["fc2"])
+    m.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "two" / "adapter_config.json").read_text())
+    meta["config"]["target_modules"] = ["fc1", "fc2"]  # "two" no longer fits its tensors
+    (tmp_path / "two" / "adapter_config.json").write_text(json.dumps(meta))
+    fresh = MLP()
+    fresh.head.weight.requires_grad_(False)  # the user's own flags come back too
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match="does not fit"):
+        ll.load(fresh, tmp_path)  # "default" loads first, then "two" fails
+    assert_unchanged(fresh, before)
+    adapted = ll.wrap(MLP(), "ssf", target_modules=["fc2"])
+    with pytest.raises(ValueError, match="does not fit"):
+        ll.load(adapted, tmp_path, adapter_name="two")
+    assert list(adapted.configs) == ["default"] and len(list(adapted.adapted_layers())) == 1

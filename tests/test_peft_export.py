@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import MODELS, run
 
+from peft import PeftModel
+
 import lifelong as ll
 from lifelong.adapters.peft_export import RESIDUAL_FILE, export_peft, load_in_peft
 
@@ -22,9 +24,13 @@ def options(method: str, batches: list) -> dict:
     }[method]
 
 
+@pytest.mark.parametrize("residual", ["base", "convert"])
 @pytest.mark.parametrize("kind", ["mlp", "llama"])
 @pytest.mark.parametrize("method", ["corda", "kore", "lamda"])
-def test_exported_checkpoint_reproduces_outputs_in_peft(method: str, kind: str, tmp_path) -> None:
+def test_exported_checkpoint_reproduces_outputs_in_peft(method: str, kind: str, residual: str, tmp_path) -> None:
+    """``residual="base"``: rank r plus the residual base weights (load_in_peft applies them).
+    ``residual="convert"`` (default, PEFT's PiSSA/CorDA conversion): a plain
+    ``PeftModel.from_pretrained`` on a fresh base is exact."""
     spec = MODELS[kind]
     batches = spec.batches(2)
     probes = batches + spec.batches(2, seed=7)  # KORE leaves its calibration inputs unchanged by design
@@ -35,10 +41,16 @@ def test_exported_checkpoint_reproduces_outputs_in_peft(method: str, kind: str, 
         for p in adapted.trainable_parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
         live = [run(adapted, b) for b in probes]
-    export_peft(adapted, tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and (tmp_path / RESIDUAL_FILE).is_file()
-    peft_model = load_in_peft(copy.deepcopy(reference), tmp_path)
+    if residual == "base":
+        export_peft(adapted, tmp_path, residual="base")
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and (tmp_path / RESIDUAL_FILE).is_file()
+        peft_model = load_in_peft(copy.deepcopy(reference), tmp_path)
+    else:
+        export_peft(adapted, tmp_path)
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and not (tmp_path / RESIDUAL_FILE).exists()
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(reference), str(tmp_path))
     with torch.no_grad():
         for ours, batch in zip(live, probes):
             torch.testing.assert_close(run(peft_model, batch), ours, rtol=0, atol=1e-5)
@@ -55,3 +67,25 @@ def test_export_rejects_other_methods_and_merged_adapters(tmp_path) -> None:
     kore.merge()
     with pytest.raises(RuntimeError, match="unmerge"):
         export_peft(kore, tmp_path)
+
+
+def test_composed_adapters_are_not_silently_exported_as_the_first(tmp_path) -> None:
+    spec = MODELS["mlp"]
+    model = ll.wrap(spec.make(), "lamda", r=4, total_steps=10)
+    model.add_adapter("kore", "kore", r=4, **options("kore", spec.batches(2)))
+    model.set_adapter(["default", "kore"])
+    with pytest.raises(ValueError, match="active together"):
+        export_peft(model, tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+    export_peft(model, tmp_path, adapter_name="kore")  # one of them, named, is fine
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_converted_export_overwrites_a_stale_residual_file(tmp_path) -> None:
+    spec = MODELS["mlp"]
+    model = ll.wrap(spec.make(), "lamda", r=4, total_steps=10)
+    export_peft(model, tmp_path, residual="base")
+    export_peft(model, tmp_path)
+    assert not (tmp_path / RESIDUAL_FILE).exists()
+    with pytest.raises(ValueError, match="residual must be one of"):
+        export_peft(model, tmp_path, residual="keep")

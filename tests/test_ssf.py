@@ -116,3 +116,24 @@ def test_bad_options() -> None:
         ll.wrap(nn.Sequential(nn.Linear(2, 2)), "ssf", init="zeros", target_modules=["0"])
     with pytest.raises(ValueError, match="is a ReLU; adapter 'ssf' supports"):
         ll.wrap(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), "ssf", target_modules=["1"])
+
+
+def test_shift_into_a_bias_free_hf_layer_is_refused_not_silently_lost(tmp_path) -> None:
+    """A bias created by the merge is dropped by save_pretrained/from_pretrained (Llama's config
+    has no bias), so the merge is refused; a plain torch model keeps its new bias and merges."""
+    from transformers import AutoModelForCausalLM
+
+    model = ll.models.tiny_llama()
+    m = ll.wrap(model, "ssf", init="normal", target_modules=["q_proj", "down_proj"])
+    before = {n: p.clone() for n, p in m.base_model.named_parameters()}
+    with pytest.raises(ValueError, match="save_pretrained"):
+        m.merge_and_unload()
+    assert all(torch.equal(p, before[n]) for n, p in m.base_model.named_parameters())
+    with torch.no_grad():  # a zero shift needs no bias: the merge is exact and survives a save
+        for layer in m.adapted_layers():
+            layer.adapters["default"].shift.zero_()
+    ids = torch.randint(0, 128, (1, 5))
+    live = m(input_ids=ids).logits
+    m.merge_and_unload().save_pretrained(tmp_path)
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=ids).logits, live,
+                               rtol=0, atol=1e-5)
