@@ -56,6 +56,28 @@ def materialize(dataset) -> TensorDataset:
     return TensorDataset(*[torch.cat(c) for c in columns])
 
 
+class _Shuffle(torch.utils.data.Sampler):
+    """A new permutation from ``generator`` at every pass, as ``RandomSampler`` draws it.
+
+    Its own class, so that wrappers which swap a ``RandomSampler`` for a re-seeded one
+    (accelerate, under ``transformers.Trainer``) keep this order."""
+
+    def __init__(self, size: int, generator: torch.Generator):
+        self.size, self.generator = size, generator
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        yield from torch.randperm(self.size, generator=self.generator).tolist()
+
+
+def shuffled_loader(data, batch_size: int, seed: int) -> DataLoader:
+    """Batches of ``data`` in an order fixed by ``seed`` (a new permutation each epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=batch_size, sampler=_Shuffle(len(data), g), generator=g)
+
+
 def experience_seed(seed: int, index: int) -> int:
     return seed * 100_003 + index * 7_919 + 17
 
@@ -95,7 +117,7 @@ def set_candidates(model: nn.Module, experiences: list | None, masks: dict | Non
     if task is not None:
         model.candidates = masks[task] if masks is not None and task in masks else None
     else:
-        model.candidates = sorted({c for e in experiences[: seen + 1] for c in e.classes_in_this_experience})
+        model.candidates = sorted({c for e in experiences[: seen + 1] for c in experience_classes(e)})
 
 
 @torch.no_grad()

@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader
 
 from .classp import ClasspMethod
 from .loop import (Experience, evaluate_stream, experience_seed, fingerprint, load_checkpoint, make_optimizer,
-                   restrict_logits, save_checkpoint, set_candidates, task_class_masks, trainable, unpack)
+                   restrict_logits, save_checkpoint, set_candidates, shuffled_loader, task_class_masks, trainable,
+                   unpack)
 from .method import AvalancheBaseline, ContinualMethod
 from .metrics import AccuracyMatrix
 from .migu import MIGU
@@ -57,7 +58,7 @@ __all__ = ["run_stream", "method_object", "METHODS", "AVALANCHE_BASELINES", "ADA
 NATIVE_METHODS = ("naive", "migu", "classp", "powerlaw", "kcl", "gkcl")
 AVALANCHE_BASELINES = ("naive", "ewc", "replay", "lwf", "si", "agem", "gem", "mas", "cumulative")
 METHODS = tuple(sorted(set(NATIVE_METHODS) | set(AVALANCHE_BASELINES)))
-ENGINES = ("auto", "native", "avalanche")
+ENGINES = ("auto", "native", "avalanche", "trainer")
 ADAPTER_MODES = ("shared", "per_task", "sequential")
 
 
@@ -112,7 +113,8 @@ def run_stream(model: nn.Module, stream, method="naive", *, method_options: dict
                eval_batch_size: int = 512, seed: int = 0, device: str | torch.device = "cpu",
                checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True,
                criterion: nn.Module | None = None, tokenizer=None, max_length: int = 128,
-               template: str = "{text}", route: str = "auto") -> StreamResult:
+               template: str = "{text}", route: str = "auto", forward_transfer: bool = True,
+               training_args: dict | None = None) -> StreamResult:
     """Train ``model`` through ``stream`` and return a :class:`StreamResult`.
 
     Args:
@@ -128,12 +130,16 @@ def run_stream(model: nn.Module, stream, method="naive", *, method_options: dict
             the experience index, an oracle in class/domain-incremental streams; also
             ``per_task_adapter=True``) or ``"sequential"`` (``kore``/``corda``: each experience's
             adapter calibrated on ``calibration_samples`` inputs of every earlier experience).
-        engine: ``"native"``, ``"avalanche"`` or ``"auto"`` (native for our methods and naive).
+        engine: ``"native"``, ``"avalanche"``, ``"trainer"`` (each experience trained by a
+            ``transformers.Trainer``; ``training_args`` override its ``TrainingArguments``) or
+            ``"auto"`` (native for our methods and naive, Avalanche for the baselines).
         optimizer: ``"sgd"``, ``"adam"`` or a callable ``params -> Optimizer`` (ignored by classp).
         checkpoint_dir, resume: checkpoint after every experience; ``resume=True`` continues from it.
         tokenizer, max_length, template, route: text streams only. ``template`` formats each text
             (``"{text}"``); ``route`` is ``"head"`` (classification head), ``"verbalizer"``
             (label-text scoring) or ``"auto"`` (verbalizer for language models).
+        forward_transfer: also evaluate before training and on experiences not trained yet (the
+            accuracy matrix above its diagonal, needed only for FWT); False halves evaluation.
     """
     method_options = dict(method_options or {})
     adapter_options = dict(adapter_options or {})
@@ -157,9 +163,13 @@ def run_stream(model: nn.Module, stream, method="naive", *, method_options: dict
     name = method_obj.name
     if engine == "auto":
         engine = "native" if method_obj.native else "avalanche"
-    if engine == "native" and not method_obj.native:
-        raise ValueError(f"method {name!r} runs only in the Avalanche engine; native methods: {', '.join(NATIVE_METHODS)}")
-    if mode in ("per_task", "sequential") and (engine != "native" or method_obj.owns_loop):
+    if engine in ("native", "trainer") and (not method_obj.native or (engine == "trainer" and method_obj.owns_loop)):
+        where = "only in the Avalanche engine" if not method_obj.native else "in the native or Avalanche engine"
+        raise ValueError(f"method {name!r} does not run in the {engine} engine (it runs {where}); the {engine} "
+                         f"engine runs naive, migu, classp, powerlaw{', kcl, gkcl' if engine == 'native' else ''}")
+    if training_args is not None and engine != "trainer":
+        raise ValueError("training_args are for engine='trainer'")
+    if mode in ("per_task", "sequential") and (engine == "avalanche" or method_obj.owns_loop):
         raise ValueError(f"adapter_mode={mode!r} runs in the native engine with naive, migu, classp or powerlaw")
     if text is not None and method_obj.owns_loop:
         raise ValueError(f"method {name!r} trains on tensor features only; text streams run naive, migu, classp, "
@@ -178,7 +188,7 @@ def run_stream(model: nn.Module, stream, method="naive", *, method_options: dict
         "engine": engine, "scenario": scenario, "adapter": adapter, "adapter_options": adapter_options,
         "adapter_mode": mode, "calibration_samples": calibration_samples if mode == "sequential" else None,
         "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable"),
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "forward_transfer": forward_transfer,
         "stream": [[len(e.dataset) for e in train_exps], [len(e.dataset) for e in test_exps]],
         "text": text.info if text is not None else None,
         "model": {k: list(v.shape) for k, v in model.state_dict().items()},
@@ -191,8 +201,14 @@ def run_stream(model: nn.Module, stream, method="naive", *, method_options: dict
                                  criterion, masks, train_exps, seed)
     else:
         train_exps = [Experience(e, i) for i, e in enumerate(train_exps)]
-        runner = NativeEngine(model, method_obj, optimizer, lr, epochs, batch_size, device, criterion, masks,
-                              train_exps, seed, sequential)
+        args = (model, method_obj, optimizer, lr, epochs, batch_size, device, criterion, masks, train_exps, seed,
+                sequential)
+        if engine == "trainer":
+            from .hf_bridge import TrainerEngine
+
+            runner = TrainerEngine(*args, training_args=training_args)
+        else:
+            runner = NativeEngine(*args)
     return _loop(runner, config, train_exps, test_sets, masks, eval_batch_size, device, seed, checkpoint_dir,
                  resume, progress)
 
@@ -236,7 +252,8 @@ def _loop(runner, config, train_exps, test_exps, masks, eval_batch_size, device,
         start, elapsed = int(state["completed"]), float(state["elapsed"])
         steps, step_time = int(state["steps"]), float(state["step_time"])
     t0 = time.perf_counter()
-    if start == 0:
+    future = config["forward_transfer"]
+    if start == 0 and future:
         torch.manual_seed(experience_seed(seed, -1))
         for j, a in enumerate(evaluate_stream(runner.predict, test_exps, masks, eval_batch_size, device)):
             if not np.isnan(a):
@@ -248,7 +265,8 @@ def _loop(runner, config, train_exps, test_exps, masks, eval_batch_size, device,
         s, st = runner.train_experience(i, train_exps)
         steps, step_time = steps + s, step_time + st
         torch.manual_seed(experience_seed(seed, i) + 1)
-        for j, a in enumerate(evaluate_stream(runner.predict, test_exps, masks, eval_batch_size, device)):
+        shown = test_exps if future else test_exps[: i + 1]
+        for j, a in enumerate(evaluate_stream(runner.predict, shown, masks, eval_batch_size, device)):
             if not np.isnan(a):
                 matrix.record(i, j, a)
         row = matrix.as_array()[i, : i + 1]
@@ -316,8 +334,7 @@ class NativeEngine:
         set_candidates(model, train_exps, self.masks, seen=i)
         method.before_experience(model, i)
         data = method.train_dataset(i, train_exps)
-        g = torch.Generator().manual_seed(experience_seed(self.seed, i))
-        loader = DataLoader(data, batch_size=self.batch_size, shuffle=True, generator=g)
+        loader = shuffled_loader(data, self.batch_size, experience_seed(self.seed, i))
         model.train()
         steps, step_time = 0, 0.0
         for _ in range(self.epochs):
