@@ -31,6 +31,28 @@ from .targeting import default_lora_targets
 RESIDUAL_BUFFERS = ("residual_up", "residual_down")
 
 
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return None
+    return DTensor
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor, detached: a sharded DTensor (FSDP2's parameters) is gathered from every
+    process, so every process must call this for it."""
+    t = t.detach()
+    dtensor = _dtensor_type()
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """This process's shard of a DTensor (rows, for FSDP2's dim-0 sharding), else ``t`` itself."""
+    dtensor = _dtensor_type()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
 class Adapter(nn.Module):
     """One adapter on one base layer. Subclasses register with ``@register(name, Config)``.
 

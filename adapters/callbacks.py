@@ -29,6 +29,13 @@ class AdapterScheduleCallback(TrainerCallback):
     def __init__(self, model: AdaptedModel):
         self.model = model
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Schedules that need the run's length get it from the Trainer (LaMDA's total_steps)."""
+        for config in self.model.configs.values():
+            if getattr(config, "total_steps", 0) is None and state.max_steps > 0:
+                config.total_steps = int(state.max_steps)
+                config.grad_accum = int(args.gradient_accumulation_steps)
+
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.model.after_backward()  # a micro-batch that did not end an accumulation cycle
 
@@ -60,13 +67,16 @@ class AdapterTrainer(Trainer):
             callbacks.append(AdapterScheduleCallback(adapted))
         super().__init__(model, *args, callbacks=callbacks, **kwargs)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Every process takes part (sharded FSDP tensors are gathered); the main one writes."""
+        self._save(output_dir)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the adapter(s) with ``save_pretrained`` (the model's full state dict is ignored)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        adapted_model(self.model).save_pretrained(output_dir, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        adapted_model(self.model).save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))

@@ -9,7 +9,7 @@ Reference code: ArminAzizi98/LaMDA.
 A (r×in, "PMA") is frozen, S (r×r, "LDA") always trains, B (out×r, "PMB") trains early and is
 frozen column by column. Because A is frozen the backward pass never needs x itself.
 
-Choices that are ours (the released code does not pin them; see shared/specs/lamda.md):
+Choices that are ours (the released code does not pin them):
 
 - ``init="svd"`` (default): ``W = U Σ Vᵀ``; ``A = V_rᵀ``, ``B = U_r``, ``S = Σ_r / α`` and the
   frozen base becomes ``W_res = W − U_r Σ_r V_rᵀ``, so the layer equals the base at init.
@@ -17,8 +17,9 @@ Choices that are ours (the released code does not pin them; see shared/specs/lam
 - ``pmb_schedule="linear"``: with ``T_f = round(pmb_freeze_fraction · total_steps)``, column j
   (descending σ) is frozen from optimizer step ``ceil((j+1)·T_f/r)``; freezing is hard (the
   forward uses a snapshot of frozen columns, so momentum or weight decay cannot move them) and at
-  ``T_f`` B leaves the optimizer. ``"reference"`` reproduces the code's rule after each
-  micro-batch backward (``t = floor(step / (η·max_steps·grad_accum))``; zero the first t columns'
+  ``T_f`` B leaves the optimizer (in a multi-process DDP / accelerate run it stays there,
+  unread and with zero gradients, so the gradient reducer keeps a fixed parameter set).
+  ``"reference"`` reproduces the code's rule after each micro-batch backward (``t = floor(step / (η·max_steps·grad_accum))``; zero the first t columns'
   gradients; freeze B once t ≥ r); ``"none"`` trains B throughout; ``"frozen"`` never trains B.
   Drive the schedule with :meth:`AdaptedModel.after_backward` and
   :meth:`AdaptedModel.after_optimizer_step` (or ``adapters.callbacks.AdapterScheduleCallback``
@@ -32,6 +33,7 @@ Choices that are ours (the released code does not pin them; see shared/specs/lam
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import lamda_linear
-from .base import Adapter
+from .base import Adapter, full_tensor, local_tensor
 from .config import AdapterConfig, one_of, positive_int
 from .registry import register
 from .targeting import resolve_rank
@@ -133,6 +135,14 @@ RULES: dict[str, Callable[[Tensor, int], float]] = {
 class LaMDAAdapter(Adapter):
     @classmethod
     def prepare(cls, model: nn.Module, targets: dict[str, nn.Module], config: LaMDAConfig) -> dict[str, Any]:
+        if config.pmb_schedule in ("linear", "reference") and config.total_steps is None:
+            warnings.warn(
+                f"LaMDA pmb_schedule={config.pmb_schedule!r} needs total_steps (the run's optimizer steps) to freeze B; "
+                "the first after_backward() will raise without it. Pass total_steps=..., train with "
+                "lifelong.adapters.callbacks.AdapterTrainer / AdapterScheduleCallback (they set it from the Trainer's "
+                "max_steps), or use pmb_schedule='none'",
+                stacklevel=4,
+            )
         if not config.adaptive_rank:
             return {}
         layers = {n: getattr(m, "base_layer", m) for n, m in targets.items()}
@@ -202,23 +212,39 @@ class LaMDAAdapter(Adapter):
     # ---- trainability and the PMB schedule ------------------------------------------------------
     def set_trainable(self, trainable: bool) -> None:
         self.lora_S.requires_grad_(trainable)
-        self.lora_B.requires_grad_(trainable and self.schedule != "frozen" and not bool(self.frozen_columns.all()))
+        released = bool(self.frozen_columns.all()) and not distributed()
+        self.lora_B.requires_grad_(trainable and self.schedule != "frozen" and not released)
+
+    def release_B(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Every column of B is frozen: stop training B. In a multi-process run (DDP, accelerate)
+        B keeps ``requires_grad`` and stays in the optimizer instead: each process's gradient
+        reducer was built for a fixed set of parameters, and a parameter that stops receiving
+        gradients mid-run breaks its next step. B is then no longer read (the forward uses the
+        frozen snapshot), so it only receives zero gradients."""
+        self.frozen_columns.fill_(True)
+        if distributed():
+            return
+        self.lora_B.requires_grad_(False)
+        self.lora_B.grad = None
+        if optimizer is not None:
+            drop_from_optimizer(optimizer, self.lora_B)
 
     def after_backward(self) -> None:
-        """``reference`` schedule: the released code's rule after each micro-batch backward."""
-        if self.schedule != "reference" or not self.lora_B.requires_grad:
+        """``reference`` schedule: the released code's rule after each micro-batch backward. Both
+        schedules check ``total_steps`` here, so a run without it stops before its first step."""
+        cfg = self.config
+        if self.schedule in ("linear", "reference") and cfg.total_steps is None:
+            raise ValueError(f"pmb_schedule={self.schedule!r} needs total_steps (the run's optimizer steps)")
+        if self.schedule != "reference" or not self.lora_B.requires_grad or bool(self.frozen_columns.all()):
             return
         self.steps += 1
-        cfg = self.config
-        if cfg.total_steps is None:
-            raise ValueError("pmb_schedule='reference' needs total_steps (the run's optimizer steps)")
         t = math.floor(int(self.steps) / (cfg.pmb_freeze_fraction * cfg.total_steps * cfg.grad_accum))
         if t >= self.r:
-            self.frozen_columns.fill_(True)
-            self.lora_B.requires_grad_(False)
-            self.lora_B.grad = None
+            with torch.no_grad():
+                self.B_frozen.copy_(full_tensor(self.lora_B))
+            self.release_B(None)
         elif t > 0 and self.lora_B.grad is not None:
-            self.lora_B.grad[:, :t] = 0
+            local_tensor(self.lora_B.grad)[:, :t] = 0  # FSDP2 shards rows: every shard has all columns
 
     @torch.no_grad()
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -233,13 +259,16 @@ class LaMDAAdapter(Adapter):
         newly = torch.zeros_like(self.frozen_columns)
         newly[:due] = True
         newly &= ~self.frozen_columns
-        self.B_frozen[:, newly] = self.lora_B[:, newly]
+        self.B_frozen[:, newly] = full_tensor(self.lora_B)[:, newly]  # gathered when FSDP2 shards B
         self.frozen_columns |= newly
         if due >= self.r:
-            self.lora_B.requires_grad_(False)
-            self.lora_B.grad = None
-            if optimizer is not None:
-                drop_from_optimizer(optimizer, self.lora_B)
+            self.release_B(optimizer)
+
+
+def distributed() -> bool:
+    """Whether this process is one of several in a torch.distributed run."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def frozen_column_count(step: int, r: int, t_freeze: int) -> int:

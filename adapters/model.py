@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..files import atomic_write
-from .base import RESIDUAL_BUFFERS, AdaptedLayer, Adapter, SavedModule
+from .base import RESIDUAL_BUFFERS, AdaptedLayer, Adapter, SavedModule, full_tensor
 from .config import AdapterConfig
 from .registry import get_method, make_config
 from .signature import plain_class, rebuild, signature_class
@@ -297,18 +297,26 @@ class AdaptedModel(nn.Module):
                     state[f"{SAVED_PREFIX}{name}.{key}"] = tensor
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: list[str] | None = None,
+                        is_main_process: bool = True) -> None:
         """Write each adapter's config (JSON) and tensors (safetensors): ``default`` at the top of
-        the folder, any other adapter in a sub-folder named after it (PEFT's layout)."""
+        the folder, any other adapter in a sub-folder named after it (PEFT's layout).
+
+        Sharded tensors (FSDP2's ``fully_shard`` makes parameters DTensors) are gathered first,
+        which is a collective: under FSDP every process calls this, with
+        ``is_main_process=(rank == 0)`` so that one process writes (Hugging Face's convention).
+        """
         root = Path(save_directory)
-        if root.exists() and not root.is_dir():
+        if is_main_process and root.exists() and not root.is_dir():
             raise NotADirectoryError(f"save_pretrained: {str(root)!r} exists and is not a directory")
         for name in adapter_names or list(self.configs):
             if name not in self.configs:
                 raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.configs)}")
+            tensors = {k: full_tensor(v).cpu().contiguous().clone() for k, v in self.adapter_state_dict(name).items()}
+            if not is_main_process:
+                continue
             folder = root if name == "default" else root / name
             folder.mkdir(parents=True, exist_ok=True)
-            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.adapter_state_dict(name).items()}
             meta = {
                 "format_version": FORMAT_VERSION,
                 "library": "lifelong",

@@ -147,3 +147,12 @@ def test_readme_trainer_example_runs_with_default_arguments(tmp_path, monkeypatc
     assert sorted(p.name for p in (tmp_path / "out" / "final").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "training_args.bin"]
     assert torch.equal(logits(scope["model"], data[:4]), logits(scope["trainer"].model, data[:4]))
+
+
+def test_schedule_callback_takes_lamdas_total_steps_from_the_trainer(tmp_path) -> None:
+    with pytest.warns(UserWarning, match="needs total_steps"):
+        model = wrapped("lamda")
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, save_strategy="no")
+    AdapterTrainer(model=model, args=args, train_dataset=dataset(8)).train()
+    assert model.configs["default"].total_steps == 3
+    assert all(bool(layer.adapters["default"].frozen_columns.all()) for layer in model.adapted_layers())

@@ -148,3 +148,25 @@ def test_bad_options() -> None:
         ll.wrap(one_layer(), "lamda", r=11, target_modules=["0"])
     with pytest.raises(ValueError, match="pmb_schedule must be one of"):
         ll.wrap(one_layer(), "lamda", pmb_schedule="cosine", target_modules=["0"])
+
+
+def test_without_total_steps_warns_at_wrap_and_stops_before_the_first_step() -> None:
+    with pytest.warns(UserWarning, match="needs total_steps"):
+        m = ll.wrap(one_layer(), "lamda", r=4, target_modules=["0"])
+    m(torch.randn(3, 10)).sum().backward()
+    with pytest.raises(ValueError, match="needs total_steps"):
+        m.after_backward()  # before optimizer.step(): nothing has been updated yet
+
+
+def test_reference_schedule_keeps_the_trained_B_when_it_freezes_fully() -> None:
+    m = ll.wrap(one_layer(), "lamda", r=2, pmb_schedule="reference", total_steps=2, pmb_freeze_fraction=0.5,
+                target_modules=["0"])
+    a = adapter_of(m)
+    with torch.no_grad():
+        a.lora_B.add_(0.3)
+    x = torch.randn(4, 10)
+    before = m(x).detach()
+    for _ in range(2):  # t = floor(step / (0.5 * 2)) reaches r = 2
+        m.after_backward()
+    assert bool(a.frozen_columns.all()) and not a.lora_B.requires_grad
+    torch.testing.assert_close(m(x), before, rtol=0, atol=1e-6)
