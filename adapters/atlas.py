@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from .base import AdaptedLayer, Adapter, SavedModule
 from .config import AdapterConfig, one_of, positive_int
 from .registry import register
-from .targeting import iter_layers
+from .targeting import iter_layers, original_layer
 
 GRANULARITIES = ("block", "global", "partition")
 TV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -251,7 +251,7 @@ def _original_parameters(model: nn.Module, buffers: bool = False) -> Iterable[tu
     """Parameters (or buffers) under their names in the unadapted model, adapter internals excluded."""
     for name, module in iter_layers(model):
         recurse = isinstance(module, SavedModule)
-        module = module.base_layer if isinstance(module, AdaptedLayer) else module
+        module = original_layer(module.base_layer) if isinstance(module, AdaptedLayer) else module
         module = module.original if isinstance(module, SavedModule) else module
         tensors = module.named_buffers(recurse=recurse) if buffers else module.named_parameters(recurse=recurse)
         for key, t in tensors:

@@ -23,7 +23,8 @@ from .base import RESIDUAL_BUFFERS, AdaptedLayer, Adapter, SavedModule, full_ten
 from .config import AdapterConfig
 from .registry import get_method, make_config
 from .signature import plain_class, rebuild, signature_class
-from .targeting import find_targets, iter_layers, name_matches, set_submodule
+from .targeting import (Conv1DLinear, adaptable, find_targets, iter_layers, name_matches, original_layer,
+                        set_submodule)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -110,19 +111,20 @@ class AdaptedModel(nn.Module):
             self.base_model, target_spec, config.exclude_modules, spec.adapter_cls.supported_types(config), spec.name
         )
         init = _state is None
-        contexts = spec.adapter_cls.prepare(self.base_model, targets, config) if init else {}
-        built = {
-            name: spec.adapter_cls(unwrap(module), config, name, contexts.get(name), init)
-            for name, module in targets.items()
-        }
-        saved = self._saved_module_names(config)
-        if _state is not None:
-            load_tensors(adapter_name, built, saved, _state)
-        spec.adapter_cls.link(built)
-        fixed = rebuilt_from_config(self.base_model)
-        for adapter in built.values():
-            adapter.fixed_architecture = fixed
+        views = self._linear_views(targets, spec.adapter_cls.supported_types(config))
         try:
+            contexts = spec.adapter_cls.prepare(self.base_model, targets, config) if init else {}
+            built = {
+                name: spec.adapter_cls(unwrap(module), config, name, contexts.get(name), init)
+                for name, module in targets.items()
+            }
+            saved = self._saved_module_names(config)
+            if _state is not None:
+                load_tensors(adapter_name, built, saved, _state)
+            spec.adapter_cls.link(built)
+            fixed = rebuilt_from_config(self.base_model)
+            for adapter in built.values():
+                adapter.fixed_architecture = fixed
             for name, adapter in built.items():
                 self._layer_for(name, targets[name]).add(adapter_name, adapter)
             for name in saved:
@@ -131,6 +133,10 @@ class AdaptedModel(nn.Module):
                 self._load_saved_modules(adapter_name, saved, _state)
         except BaseException:
             self._discard(adapter_name)  # leave the model as it was before this call
+            for name in views:
+                module = self.base_model.get_submodule(name)
+                if isinstance(module, Conv1DLinear):
+                    set_submodule(self.base_model, name, module.conv)
             raise
         self.configs[adapter_name] = config
         if not self.active_adapters:
@@ -154,13 +160,25 @@ class AdaptedModel(nn.Module):
             module.active = names[0]
         self._refresh_trainable()
 
+    def _linear_views(self, targets: dict[str, nn.Module], types: tuple[type[nn.Module], ...]) -> list[str]:
+        """Put a Linear view in place of each targeted Conv1D the method adapts as a Linear (so
+        calibration hooks on the view see its inputs); returns the names swapped."""
+        swapped = []
+        for name, module in targets.items():
+            view = module if isinstance(module, AdaptedLayer) else adaptable(module, types)
+            if isinstance(view, Conv1DLinear) and view is not module:
+                set_submodule(self.base_model, name, view)
+                targets[name] = view
+                swapped.append(name)
+        return swapped
+
     def _discard(self, adapter_name: str) -> None:
         """Remove a partly installed adapter and unwrap the layers it left empty."""
         for name, module in list(iter_layers(self.base_model)):
             if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
                 module.remove(adapter_name)
                 if not module.adapters:
-                    set_submodule(self.base_model, name, module.base_layer)
+                    set_submodule(self.base_model, name, original_layer(module.base_layer))
             elif isinstance(module, SavedModule) and adapter_name in module.copies:
                 del module.copies[adapter_name]
                 if not module.copies:
@@ -265,7 +283,7 @@ class AdaptedModel(nn.Module):
                 for adapter_name, adapter in module.adapters.items():
                     if adapter_name not in module.merged:
                         adapter.detach_from(module.base_layer)
-                set_submodule(self.base_model, name, module.base_layer)
+                set_submodule(self.base_model, name, original_layer(module.base_layer))
             elif isinstance(module, SavedModule):
                 set_submodule(self.base_model, name, module.current())
         self.configs.clear()

@@ -5,12 +5,72 @@ from __future__ import annotations
 import re
 from typing import Iterator
 
-from torch import nn
+from torch import Tensor, nn
 
-ALL_LINEAR = "all-linear"
+ALL_LINEAR = "all-linear"  # nn.Linear and transformers' Conv1D, as PEFT
 ALL_SUPPORTED = "all"  # every module of a type the method supports, except the output head
 # Names PEFT and common models give their output heads; "all-linear" never targets them.
 HEAD_NAMES = ("lm_head", "classifier", "score", "head", "output_head", "fc_out")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, GPT-J...): a linear layer whose weight is stored (in, out)."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2 and hasattr(module, "nf")
+
+
+class Conv1DLinear(nn.Linear):
+    """An ``nn.Linear`` view of a transformers ``Conv1D`` (PEFT's ``fan_in_fan_out`` case).
+
+    ``weight`` is the transposed view ``conv.weight.T`` (out, in) of the very same storage, so an
+    adapter reads it, and merges / residuals write into it, exactly as for an ``nn.Linear``; the
+    forward is the Conv1D's own. Unloading puts the Conv1D back (:func:`original_layer`).
+    """
+
+    def __init__(self, conv: nn.Module):
+        nn.Module.__init__(self)  # no parameters of its own: they stay the Conv1D's
+        self.conv = conv
+        self.in_features, self.out_features = conv.weight.shape
+
+    @property  # type: ignore[override]
+    def weight(self) -> Tensor:
+        return self.conv.weight.t()
+
+    @property  # type: ignore[override]
+    def bias(self) -> Tensor | None:
+        return self.conv.bias
+
+    @bias.setter
+    def bias(self, value: Tensor | None) -> None:
+        self.conv.bias = value
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "conv":
+                raise
+            return getattr(self.conv, name)  # nf, nx, ... as the model expects
+
+
+def adaptable(layer: nn.Module, layer_types: tuple[type[nn.Module], ...]) -> nn.Module | None:
+    """``layer`` if a method with ``layer_types`` adapts it, else its Linear view when it is a
+    Conv1D the method adapts as a Linear, else None."""
+    if isinstance(layer, layer_types):
+        return layer
+    if is_conv1d(layer):
+        view = Conv1DLinear(layer)
+        if isinstance(view, layer_types):
+            return view
+    return None
+
+
+def original_layer(layer: nn.Module) -> nn.Module:
+    """The model's own module behind a view (the Conv1D behind :class:`Conv1DLinear`)."""
+    return layer.conv if isinstance(layer, Conv1DLinear) else layer
 
 
 def name_matches(name: str, pattern: list[str] | str) -> bool:
@@ -51,7 +111,7 @@ def output_head_names(model: nn.Module) -> set[str]:
         layer = unwrap_layer(module)
         if out_emb is not None and (module is out_emb or layer is out_emb):
             heads.add(name)
-        if isinstance(layer, nn.Linear):
+        if isinstance(layer, nn.Linear) or is_conv1d(layer):
             linear_names.append(name)
             if name.rsplit(".", 1)[-1] in HEAD_NAMES:
                 heads.add(name)
@@ -80,14 +140,14 @@ def find_targets(
             continue
         layer = unwrap_layer(module)
         if everything:
-            wanted = nn.Linear if target_modules == ALL_LINEAR else layer_types
-            if not isinstance(layer, wanted) or name in heads:
+            wanted = (nn.Linear,) if target_modules == ALL_LINEAR else layer_types
+            if adaptable(layer, wanted) is None or name in heads:
                 continue
         elif not name_matches(name, target_modules):
             continue
         if exclude_modules is not None and name_matches(name, exclude_modules):
             continue
-        if not isinstance(layer, layer_types):
+        if adaptable(layer, layer_types) is None:
             if isinstance(target_modules, str):
                 continue  # a regex may also match containers; only leaves of a known type count
             allowed = ", ".join(t.__name__ for t in layer_types)
@@ -96,7 +156,7 @@ def find_targets(
             )
         found[name] = module
     if not found:
-        leaves = [n for n, m in iter_layers(model) if n and isinstance(unwrap_layer(m), layer_types)]
+        leaves = [n for n, m in iter_layers(model) if n and adaptable(unwrap_layer(m), layer_types) is not None]
         shown = ", ".join(leaves[:40]) + (" ..." if len(leaves) > 40 else "")
         raise ValueError(
             f"target_modules={target_modules!r} matched no module the {method!r} adapter supports; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -238,3 +239,51 @@ def test_failed_load_leaves_the_model_exactly_as_given(tmp_path) -> None:
     with pytest.raises(ValueError, match="does not fit"):
         ll.load(adapted, tmp_path, adapter_name="two")
     assert list(adapted.configs) == ["default"] and len(list(adapted.adapted_layers())) == 1
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=16)).eval()
+
+
+@pytest.mark.parametrize("method", ["bone", "corda", "kore", "lamda", "welore", "ssf"])
+def test_gpt2_conv1d_layers_are_adapted_as_linears(method: str, tmp_path) -> None:
+    """GPT-2 stores its projections as transformers' Conv1D (weight (in, out)): "all-linear" and
+    PEFT's default "c_attn" reach them, and the merged model is a GPT-2 with Conv1D again."""
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    base = tiny_gpt2()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    calibration = [{"input_ids": ids}]
+    options = {"corda": {"r": 4, "calibration": calibration, "progress": False},
+               "kore": {"r": 4, "calibration": calibration, "progress": False, "null_tol": 1.0},
+               "lamda": {"r": 4, "total_steps": 4}, "bone": {"r": 4}, "welore": {"ratio": 0.3},
+               "ssf": {"init": "identity"}}[method]
+    targets = {} if method == "ssf" else {"target_modules": "all-linear"}
+    m = ll.wrap(copy.deepcopy(base), method, **targets, **options)
+    conv_layers = [layer for layer in m.adapted_layers() if isinstance(getattr(layer.base_layer, "conv", None), Conv1D)]
+    assert len(conv_layers) == 8  # c_attn, c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    if method != "welore":  # WeLore's adapted model is the compressed one
+        torch.testing.assert_close(m(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    live = m(input_ids=ids).logits.detach()
+    m.save_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(ll.load(copy.deepcopy(base), tmp_path / "adapter")(input_ids=ids).logits, live,
+                               rtol=0, atol=0)
+    plain = m.merge_and_unload()
+    assert type(plain.transformer.h[0].attn.c_attn) is Conv1D
+    plain.save_pretrained(tmp_path / "merged")
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(again(input_ids=ids).logits, live, rtol=0, atol=1e-5)
+
+
+def test_gpt2_default_targets_follow_peft() -> None:
+    m = ll.wrap(tiny_gpt2(), "bone", r=4)
+    assert sorted(layer.adapters["default"].layer_name for layer in m.adapted_layers()) == [
+        "transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]

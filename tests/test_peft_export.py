@@ -89,3 +89,22 @@ def test_converted_export_overwrites_a_stale_residual_file(tmp_path) -> None:
     assert not (tmp_path / RESIDUAL_FILE).exists()
     with pytest.raises(ValueError, match="residual must be one of"):
         export_peft(model, tmp_path, residual="keep")
+
+
+@pytest.mark.parametrize("method", ["corda", "lamda"])
+def test_gpt2_conv1d_export_loads_in_plain_peft(method: str, tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=16)).eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    extra = {"corda": {"calibration": [{"input_ids": ids}], "progress": False}, "lamda": {"total_steps": 4}}[method]
+    adapted = ll.wrap(copy.deepcopy(base), method, r=4, target_modules="all-linear", **extra)
+    with torch.no_grad():
+        for p in adapted.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        live = adapted(input_ids=ids).logits
+    export_peft(adapted, tmp_path)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, live, rtol=0, atol=1e-5)
