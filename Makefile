@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/lifelong run examples/configs/split_digits.yaml --output runs/split_digits --resume
+	HF_HUB_OFFLINE=1 $(BIN)/lifelong run examples/configs/stdlib_text.yaml --output runs/stdlib_text --resume
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=20

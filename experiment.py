@@ -32,7 +32,11 @@ SECTION_KEYS = {
     "federated": COMMON_KEYS | {"data", "federation", "partition", "participation", "local_steps", "speed", "algorithms"},
 }
 REQUIRED = {"continual": {"stream", "methods"}, "federated": {"algorithms"}}
-TRAINING_KEYS = {"epochs": int, "lr": float, "batch_size": int, "optimizer": str, "engine": str}
+TRAINING_KEYS = {"epochs": int, "lr": float, "batch_size": int, "optimizer": str, "engine": str,
+                 "adapter_mode": str, "calibration_samples": int, "forward_transfer": bool,
+                 # text streams only
+                 "max_length": int, "template": str, "route": str}
+TEXT_TRAINING_KEYS = ("max_length", "template", "route")
 FEDERATION_KEYS = {"num_workers": int, "steps": int, "batch_size": int, "eval_every": int, "max_concurrent": int}
 
 
@@ -99,11 +103,42 @@ def validate_continual(config: dict) -> dict:
     config["stream"] = named_section(config["stream"], "stream", allowed=sorted(STREAMS))
     config["methods"] = method_list(config["methods"], "methods", METHODS)
     config["training"] = typed_section(config.get("training", {}), TRAINING_KEYS, "training")
+    check_stream_and_model(config)
     task_aware = config["stream"]["options"].get("task_incremental") or config["stream"]["options"].get("task_labels")
     if config["adapter"] and config["adapter"]["name"] == "clr" and not task_aware:
         raise ConfigError("adapter 'clr' routes by task id: the stream needs task ids "
                           "(stream.options.task_incremental: true, or task_labels: true)")
     return config
+
+
+def check_stream_and_model(config: dict) -> None:
+    """Text streams train a Hugging Face model; the digits streams a digits model."""
+    stream, model = config["stream"], config["model"]
+    text = stream["name"] in TEXT_STREAMS
+    if text and model["name"] not in HF_MODELS:
+        raise ConfigError(f"stream {stream['name']!r} is text: model.name must be one of {list(HF_MODELS)} "
+                          f"(a Hugging Face model), got {model['name']!r}")
+    if not text and model["name"] in HF_MODELS:
+        raise ConfigError(f"stream {stream['name']!r} holds digits images: model.name must be one of "
+                          f"{sorted(DIGITS_MODEL_NAMES)}, got {model['name']!r}")
+    if not text and any(k in config["training"] for k in TEXT_TRAINING_KEYS):
+        raise ConfigError(f"training keys {list(TEXT_TRAINING_KEYS)} are for text streams only")
+    if stream["name"] == "cl_benchmark":
+        options = stream["options"]
+        if "folder" not in options or "tasks" not in options:
+            raise ConfigError("stream cl_benchmark needs stream.options.folder (the CL_Benchmark folder) and "
+                              "stream.options.tasks (names or a preset); e.g. stream.options.folder=../shared/data/"
+                              "cl_benchmark")
+        if not Path(options["folder"]).is_dir():
+            raise ConfigError(f"stream.options.folder: {options['folder']!r} is not a folder")
+    if model["name"] == "hf":
+        path = model["options"].get("path")
+        if not isinstance(path, str) or not Path(path).is_dir():
+            raise ConfigError(f"model hf needs model.options.path, a local Hugging Face model folder; got {path!r}")
+        check_keys(model["options"], {"path", "auto_class"}, "model.options")
+        auto = model["options"].get("auto_class", "AutoModel")
+        if auto not in AUTO_CLASSES:
+            raise ConfigError(f"model.options.auto_class must be one of {list(AUTO_CLASSES)}, got {auto!r}")
 
 
 def validate_federated(config: dict) -> dict:
@@ -165,8 +200,12 @@ def typed_section(section: Any, types: dict[str, type], where: str) -> dict:
     check_keys(section, set(types), where)
     for key, value in section.items():
         expected = types[key]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else \
-            isinstance(value, expected) and not isinstance(value, bool)
+        if expected is bool:
+            ok = isinstance(value, bool)
+        elif expected is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, expected) and not isinstance(value, bool)
         if not ok:
             raise ConfigError(f"{where}.{key} must be {expected.__name__}, got {value!r}")
     return dict(section)
@@ -182,12 +221,17 @@ def check_options(target: Callable, options: dict, where: str) -> None:
 # ---- building the pieces ------------------------------------------------------------------------
 
 def _streams() -> dict[str, Callable]:
-    from .continual import permuted_digits, rotated_digits, split_digits
+    from .continual import cl_benchmark, permuted_digits, rotated_digits, split_digits, stdlib_stream
 
-    return {"split_digits": split_digits, "permuted_digits": permuted_digits, "rotated_digits": rotated_digits}
+    return {"split_digits": split_digits, "permuted_digits": permuted_digits, "rotated_digits": rotated_digits,
+            "stdlib_text": stdlib_stream, "cl_benchmark": cl_benchmark}
 
 
-STREAMS = ("split_digits", "permuted_digits", "rotated_digits")
+TEXT_STREAMS = ("stdlib_text", "cl_benchmark")
+STREAMS = ("split_digits", "permuted_digits", "rotated_digits", *TEXT_STREAMS)
+HF_MODELS = ("minilm", "hf")
+DIGITS_MODEL_NAMES = ("mlp", "cnn")
+AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification")
 ALGORITHMS = {"afa-cd": "AFACD", "afa-cs": "AFACS", "fedavg": "FedAvg", "fedbuff": "FedBuff", "mifa": "MIFA"}
 PARTITIONS = {"iid": "IID", "dirichlet": "Dirichlet", "shards": "Shards", "classes": "ClassesPerWorker"}
 PARTICIPATIONS = {"bernoulli": "Bernoulli", "markov": "MarkovOnOff", "periodic": "Periodic"}
@@ -200,6 +244,19 @@ def build(table: dict[str, str], section: dict, where: str) -> Any:
     cls = getattr(fl, table[section["name"]])
     check_options(cls, section["options"], f"{where}.options")
     return cls(**section["options"])
+
+
+def build_hf_model(config: dict):
+    """The Hugging Face model and tokenizer of a text config (the shipped MiniLM or a local folder)."""
+    import transformers
+
+    from .models import load_minilm
+
+    if config["model"]["name"] == "minilm":
+        return load_minilm()
+    options = config["model"]["options"]
+    auto = getattr(transformers, options.get("auto_class", "AutoModel"))
+    return auto.from_pretrained(options["path"]), transformers.AutoTokenizer.from_pretrained(options["path"])
 
 
 def build_model(config: dict, seed: int):
@@ -245,13 +302,17 @@ def run_continual_cell(config: dict, cell: Cell, workdir: Path | None, progress:
     from .continual import run_stream
 
     stream = _streams()[config["stream"]["name"]](**config["stream"]["options"])
-    model = build_model(config, cell.seed)
+    text = {}
+    if config["stream"]["name"] in TEXT_STREAMS:
+        model, text["tokenizer"] = build_hf_model(config)
+    else:
+        model = build_model(config, cell.seed)
     adapter = config["adapter"]
     result = run_stream(
         model, stream, method=cell.spec["name"], method_options=cell.spec["options"],
         adapter=adapter["name"] if adapter else None, adapter_options=adapter["options"] if adapter else None,
         seed=cell.seed, checkpoint_dir=None if workdir is None else str(workdir), resume=workdir is not None,
-        progress=progress, **config["training"],
+        progress=progress, **config["training"], **text,
     )
     out = result.to_dict()
     out["metrics"]["wall_time_s"] = result.wall_time_s

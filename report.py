@@ -117,7 +117,9 @@ def continual_plots(output: Path, config: dict, cells: list[dict]) -> list[str]:
     mean_matrix = {}
     for label in labels:
         mats = [np.array(c["result"]["accuracy_matrix"], dtype=float) for c in cells if c["label"] == label]
-        mean_matrix[label] = np.nanmean(np.stack(mats), axis=0)
+        with warnings.catch_warnings():  # cells no seed measured (forward_transfer=False) stay NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean_matrix[label] = np.nanmean(np.stack(mats), axis=0)
     fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3), squeeze=False)
     for ax, label in zip(axes[0], labels):
         matrix = mean_matrix[label]

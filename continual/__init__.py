@@ -24,6 +24,7 @@ from .powerlaw_replay import PowerLawReplay, rehearsal_schedule, rehearsal_weigh
 from .result import StreamResult
 from .runner import ADAPTER_MODES, AVALANCHE_BASELINES, METHODS, method_object, run_stream
 from .streams import benchmark_from_tensors, permuted_digits, rotated_digits, split_digits
+from .stdlib_text import stdlib_stream
 from .text import ORDERS, TextStream, TextTask, cl_benchmark, text_stream
 from .text_model import TextClassifier, VerbalizerLoss
 
@@ -40,7 +41,7 @@ _LAZY = {
 __all__ = [
     "ADAPTER_MODES", "AVALANCHE_BASELINES", "METHODS", "ORDERS", "AccuracyMatrix", "AvalancheBaseline", "CLASSP",
     "ClasspMethod", "ConditionalVAE", "ContinualMethod", "GKCL", "KCL", "MIGU", "TextClassifier", "TextStream",
-    "TextTask", "VerbalizerLoss", "cl_benchmark", "method_object", "text_stream",
+    "TextTask", "VerbalizerLoss", "cl_benchmark", "method_object", "stdlib_stream", "text_stream",
     "PowerLawReplay", "StreamResult", "accuracy", "average_accuracy", "average_forgetting",
     "avalanche_forgetting", "backward_transfer", "benchmark_from_tensors", "forward_transfer", "kernel_matrix",
     "krr_logits", "migu_mask", "permuted_digits", "rehearsal_schedule", "rehearsal_weights", "rotated_digits",

@@ -242,11 +242,12 @@ class ClasspMethod(ContinualMethod):
     """CLASSP as a continual method for the training loops: it only supplies the optimizer.
 
     The accumulated squared gradients are the method's memory, so the loops keep one optimizer
-    across experiences (never reset its state between tasks)."""
+    across experiences (never reset its state between tasks). An ``lr`` option overrides the run's
+    learning rate (CLASSP's step size differs in scale from Adam's)."""
 
     name = "classp"
 
-    OPTIONS = ("threshold", "eps", "power", "apply_scaling", "include_current", "reference_compat")
+    OPTIONS = ("lr", "threshold", "eps", "power", "apply_scaling", "include_current", "reference_compat")
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.OPTIONS))
@@ -259,5 +260,5 @@ class ClasspMethod(ContinualMethod):
         return dict(self.options)
 
     def make_optimizer(self, params: list, lr: float) -> CLASSP:
-        return CLASSP(params, lr=lr, **self.options)
+        return CLASSP(params, **{"lr": lr, **self.options})
 

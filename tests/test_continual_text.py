@@ -390,3 +390,63 @@ def test_trainer_engine_equals_the_native_loop():
         torch.testing.assert_close(p, native[name], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="does not run in the trainer engine"):
         _run(minilm(), stream, "ewc", engine="trainer")
+
+
+# ---- the stdlib stream and text configs (the main job) -----------------------------------------
+
+def test_stdlib_stream_is_real_docstrings_labelled_by_module():
+    import inspect
+    import math
+
+    stream = lc.stdlib_stream(per_class=12, seed=0)
+    assert stream.names == ["numbers", "files", "time", "network"]
+    assert stream.class_names[:3] == ["math", "statistics", "random"] and len(stream.class_names) == 12
+    numbers = stream.tasks[0]
+    math_docs = {" ".join(inspect.getdoc(f).split("\n\n")[0].split())
+                 for f in vars(math).values() if callable(f) and f.__doc__}
+    labelled_math = [t for t, y in zip(numbers.train_texts + numbers.test_texts,
+                                       numbers.train_labels + numbers.test_labels) if y == 0]
+    assert len(labelled_math) == 12 and all(t in math_docs for t in labelled_math)
+    texts = [t for task in stream.tasks for t in task.train_texts + task.test_texts]
+    assert len(texts) == len(set(texts))  # no text carries two labels
+    assert all(numbers.train_labels.count(c) + numbers.test_labels.count(c) == 12 for c in numbers.classes)
+    assert lc.stdlib_stream(per_class=12, seed=0).fingerprint() == stream.fingerprint()
+    assert lc.stdlib_stream(per_class=12, seed=1).fingerprint() != stream.fingerprint()
+    with pytest.raises(ValueError, match="unknown or no areas \\['poetry'\\]"):
+        lc.stdlib_stream(areas=["poetry"])
+
+
+def test_text_config_validation_names_what_is_wrong(tmp_path):
+    from lifelong.experiment import ConfigError, validate
+
+    base = {"kind": "continual", "stream": {"name": "stdlib_text"}, "methods": ["naive"], "model": {"name": "minilm"}}
+    validate(dict(base))
+    with pytest.raises(ConfigError, match="stream 'stdlib_text' is text: model.name must be one of"):
+        validate({**base, "model": {"name": "mlp"}})
+    with pytest.raises(ConfigError, match="stream 'split_digits' holds digits images"):
+        validate({**base, "stream": {"name": "split_digits"}})
+    with pytest.raises(ConfigError, match="needs stream.options.folder"):
+        validate({**base, "stream": {"name": "cl_benchmark", "options": {"tasks": "text4"}}})
+    with pytest.raises(ConfigError, match="training.max_length must be int"):
+        validate({**base, "training": {"max_length": "long"}})
+
+
+def test_text_config_runs_end_to_end_and_writes_the_report(tmp_path):
+    from lifelong.experiment import run_experiment, validate
+
+    config = validate({"kind": "continual", "name": "tiny", "seeds": [0],
+                       "stream": {"name": "stdlib_text", "options": {"per_class": 6, "areas": ["numbers", "time"]}},
+                       "model": {"name": "minilm"}, "adapter": {"name": "bone", "options": {"r": 4}},
+                       "methods": ["naive", "migu"],
+                       "training": {"epochs": 1, "lr": 0.001, "optimizer": "adam", "batch_size": 8,
+                                    "max_length": 24, "forward_transfer": False}})
+    out = tmp_path / "run"
+    results = run_experiment(config, out, progress=False)
+    cells = sorted(p.name for p in (out / "cells").glob("*.json"))
+    assert cells == ["migu__seed0.json", "naive__seed0.json"]
+    report = (out / "report.md").read_text()
+    assert "| naive |" in report and "| migu |" in report
+    cell = json.loads((out / "cells" / "naive__seed0.json").read_text())["result"]
+    assert cell["config"]["text"]["tokenizer"]["class"].startswith("BertTokenizer")
+    assert np.asarray(cell["accuracy_matrix"], dtype=float).shape == (2, 2)
+    assert results is not None

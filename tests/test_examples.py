@@ -16,6 +16,8 @@ CASES = {
     "corda_then_kore.py": (["--smoke", "--out", "{tmp}"], ["corda: 73,728 trainable", "kore:"]),
     "hf_trainer_adapters.py": (["--smoke"], ["bone ", "lamda ", "ssf "]),
     "quickstart.py": (["--steps", "1", "--batch-size", "8"], ["adapter ", "bone ", "corda "]),
+    "continual_text_stream.py": (["--smoke"], ["KORE sequential: ACC", "MIGU with the HF Trainer: ACC",
+                                               "EWC with Avalanche: final accuracy per task"]),
 }
 
 
