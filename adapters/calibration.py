@@ -127,6 +127,14 @@ def resolve_statistics(
         stats = source
     elif isinstance(source, (str, os.PathLike)):
         stats = CovarianceStats.load(source, device=first_device(layers))
+    elif isinstance(source, (Tensor, Mapping)):
+        # Iterating a tensor gives its rows and a dict gives its keys: neither is a batch.
+        what = f"a tensor of shape {tuple(source.shape)}" if isinstance(source, Tensor) else "a dict"
+        raise TypeError(
+            f"calibration must be an iterable of batches (a list or DataLoader of input tensors, of dicts for "
+            f"Hugging Face models, or of (x, y) tuples), a CovarianceStats or a saved file; got {what}: pass "
+            f"[batch] for a single batch"
+        )
     else:
         return calibrate(model, source, layers, normalize=normalize, cov_dtype=cov_dtype, progress=progress)
     stats.check_layers(layers)

@@ -6,8 +6,10 @@ New Baseline for Efficient Model Tuning", NeurIPS 2022, arXiv 2210.08823.
 After each targeted operation (Linear, Conv, LayerNorm / RMSNorm, BatchNorm) the output is mapped
 per channel: ``y ← γ ⊙ y + β`` with trainable ``γ, β ∈ R^C``. The channel axis comes from the
 module type (last axis for Linear and LayerNorm, axis 1 for Conv and BatchNorm), never from a
-shape test as in the reference code. Init follows the reference (``γ ~ N(1, σ²)``,
-``β ~ N(0, σ²)``, σ = 0.02) or ``init="identity"`` (γ = 1, β = 0) for an exact start.
+shape test as in the reference code. The default ``init="identity"`` (γ = 1, β = 0) starts from
+the base model exactly, the point of SSF's re-parameterisation (the trained γ, β fold into the
+preceding layer, so the adapted model is the base model plus a change); ``init="normal"`` is the
+reference code's ``γ ~ N(1, σ²)``, ``β ~ N(0, σ²)``, σ = 0.02, which moves every output at wrap.
 
 Merge (ours; the reference has none): the affine map folds into the preceding operation's
 per-output-channel parameters, ``W'[o] = γ[o] W[o]`` and ``b' = γ ⊙ b + β`` (for a norm the affine
@@ -38,10 +40,10 @@ NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
 @dataclass
 class SSFConfig(AdapterConfig):
-    """``init``: ``"normal"`` (reference) or ``"identity"``; ``init_std``: σ of the normal init;
-    ``include_norms``: also put SSF after normalisation layers."""
+    """``init``: ``"identity"`` (default, exact start) or ``"normal"`` (the reference code's);
+    ``init_std``: σ of the normal init; ``include_norms``: also put SSF after normalisation layers."""
 
-    init: str = "normal"
+    init: str = "identity"
     init_std: float = 0.02
     include_norms: bool = True
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import lifelong as ll
 from lifelong.adapters.calibration import CovarianceStats, calibrate
 
 
@@ -149,3 +150,16 @@ def test_unmasked_token_batches_count_one_call_per_sequence() -> None:
     single = calibrate(model, [ids[i:i + 1] for i in range(3)], ["q"], progress=False)
     assert batched.calls["q"] == single.calls["q"] == 3
     torch.testing.assert_close(batched.covariance("q"), single.covariance("q"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["corda", "kore"])
+def test_a_bare_tensor_or_dict_as_calibration_says_what_is_allowed(method: str) -> None:
+    from conftest import MLP
+
+    model = MLP()
+    for bad in (torch.randn(8, 16), {"x": torch.randn(8, 16)}):
+        with pytest.raises(TypeError, match=r"iterable of batches.*pass \[batch\]"):
+            ll.wrap(model, method, r=4, calibration=bad, progress=False)
+    assert not any(isinstance(m, ll.adapters.AdaptedLayer) for m in model.modules())
+    ll.wrap(model, method, r=4, calibration=[torch.randn(8, 16)], progress=False, **(
+        {"null_tol": 1.0} if method == "kore" else {}))

@@ -25,7 +25,8 @@ def test_identity_init_is_exact_and_normal_init_has_the_reference_statistics() -
     y = model(x)
     assert torch.equal(ll.wrap(model, "ssf", init="identity", target_modules=["0"])(x), y)
     torch.manual_seed(1)
-    a = next(ll.wrap(nn.Sequential(nn.Linear(64, 4096)), "ssf", target_modules=["0"]).adapted_layers()).adapters["default"]
+    a = next(ll.wrap(nn.Sequential(nn.Linear(64, 4096)), "ssf", init="normal",
+                     target_modules=["0"]).adapted_layers()).adapters["default"]
     assert abs(a.scale.mean().item() - 1) < 2e-3 and abs(a.scale.std().item() - 0.02) < 2e-3
     assert abs(a.shift.mean().item()) < 2e-3 and abs(a.shift.std().item() - 0.02) < 2e-3
 
@@ -96,7 +97,7 @@ def test_trainable_count_and_no_weight_decay_group() -> None:
 
 def test_rmsnorm_shift_cannot_be_merged_and_nothing_changes() -> None:
     model = ll.models.tiny_llama()
-    m = ll.wrap(model, "ssf", target_modules=["input_layernorm", "q_proj"])
+    m = ll.wrap(model, "ssf", init="normal", target_modules=["input_layernorm", "q_proj"])
     before = {n: p.clone() for n, p in m.base_model.named_parameters()}
     with pytest.raises(ValueError, match="no bias to absorb the SSF shift"):
         m.merge()
@@ -137,3 +138,12 @@ def test_shift_into_a_bias_free_hf_layer_is_refused_not_silently_lost(tmp_path) 
     m.merge_and_unload().save_pretrained(tmp_path)
     torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=ids).logits, live,
                                rtol=0, atol=1e-5)
+
+
+def test_default_init_is_the_identity() -> None:
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 5), nn.Linear(5, 2))
+    x = torch.randn(3, 6)
+    y = model(x)
+    m = ll.wrap(model, "ssf")
+    assert m.configs["default"].init == "identity" and len(list(m.adapted_layers())) == 3
+    assert torch.equal(m(x), y)
