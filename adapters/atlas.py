@@ -25,7 +25,7 @@ container module (which no per-layer adapter can wrap) are errors naming the off
 ``target_modules`` / ``block_filter`` restrict the blocks; task-vector entries outside them are
 ignored. A task vector without an entry for a block contributes zero there (e.g. LoRA deltas).
 
-Saving (the spec: "task vectors are referenced, not duplicated"): task vectors given as
+Saving (task vectors are referenced, not duplicated: they can be as large as the model): task vectors given as
 safetensors paths (see :func:`save_task_vector`) are referenced by absolute path in the saved
 config and re-read lazily by ``ll.load``; the checkpoint holds only λ. Task vectors given in
 memory have nothing to refer to, so by default (``save_task_vectors=None`` → auto) they are saved
@@ -41,12 +41,12 @@ files), :func:`task_vector_from_adapter` (a lifelong adapter's merged update),
 :func:`addition_loss` / :func:`negation_loss` (paper §4 objectives), and
 :func:`blockwise_gradient_selection` (per block, the b task vectors with the largest |∂L/∂λ|).
 
-Partitions (×K) follow the spec's advice rather than the reference's one-hot fp16 masks: each
-block stores an int16 partition id per element and gathers λ. Reference quirks: masks are shared
+Partitions (×K) are stored compactly rather than as the reference's one-hot fp16 masks (K
+copies of every block): each block stores an int16 partition id per element and gathers λ. Reference quirks: masks are shared
 by blocks of equal shape (``share_masks_by_shape=True``, kept as the default); the reference only
 updates 2-D blocks under ×K (1-D and conv kernels get a zero update) — ours updates every block,
 ``reference_partition=True`` restores the reference rule; the reference casts λ to fp16 before the
-einsum — ours composes in the parameter dtype. Linearised task vectors (§3.2) are not implemented.
+einsum — ours composes in the parameter dtype. Linearised task vectors (paper §3.2) are not implemented.
 """
 
 from __future__ import annotations

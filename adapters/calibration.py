@@ -6,8 +6,8 @@ One pass of user data through the model collects, for every targeted layer at on
 
 where ``X_j`` (T_j × in) are the layer's input rows of one sequence (padding rows dropped with the
 batch's ``attention_mask``), accumulated in float32 (or float64) through
-:func:`lifelong.kernels.cov_product`. Two weightings (``shared/specs/corda.md`` §3.1, ``kore.md``
-§3.1, ``kernels.md`` §3.6):
+:func:`lifelong.kernels.cov_product`. Two weightings (CorDA, arXiv 2406.05223, and KORE, arXiv 2510.19316, collect
+the same statistic; PEFT's CorDA code fixes the per-call one):
 
 - ``normalize="max"`` (CorDA / KORE / PEFT parity): ``w_j = 1/|max(X_j)|²`` with the *signed* max
   over all entries of one sequence, and N = number of sequences. PEFT's hook sees one unpadded
@@ -294,7 +294,7 @@ def calibrate(
 ) -> CovarianceStats:
     """Run ``batches`` through ``model`` once and return every layer's covariance statistics.
 
-    ``layers`` is a dict name -> module, a list of module names, or a ``target_modules`` spec
+    ``layers`` is a dict name -> module, a list of module names, or a ``target_modules`` value
     (suffixes / regex / ``"all-linear"``). The model runs in eval mode under ``no_grad``; hooks
     are removed and the training mode restored even when a batch fails.
     """

@@ -15,8 +15,8 @@ With the layer's input covariance C (see :mod:`.calibration`), damped until its 
 with ``s = lora_alpha / r`` (or ``/√r`` with rsLoRA). The residual is taken from the original W,
 so the adapted layer equals the base layer at init; A and B train, W_res stays frozen.
 ``parity=True`` (default) collects C with PEFT's per-call ``|max|`` normalisation; ``False``
-uses the plain token-averaged ``XᵀX`` (the products of CorDA are invariant to C's overall scale,
-not to the per-sequence weighting).
+uses the plain token-averaged ``XᵀX`` (CorDA's products do not change with C's overall scale,
+but they do with the per-sequence weighting).
 
 Precision (ours): PEFT runs the inverse and the SVD in float32. For KPM that is not enough on
 real models: the r smallest singular values of ``W C_d`` sit near float32's rounding floor. On

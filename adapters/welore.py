@@ -114,7 +114,7 @@ def solve_threshold(spectra: dict[str, Tensor], shapes: dict[str, tuple[int, int
     lo, hi = 0, len(candidates) - 1
     if frac(hi) < ratio:
         return candidates[hi]
-    while hi - lo > 1:  # invariant: frac(lo) < ratio <= frac(hi) (frac is non-decreasing)
+    while hi - lo > 1:  # kept true by each step: frac(lo) < ratio <= frac(hi) (frac is non-decreasing)
         mid = (lo + hi) // 2
         if frac(mid) < ratio:
             lo = mid

@@ -1,4 +1,4 @@
-"""Adapter matmuls and covariance ops (``shared/specs/kernels.md``).
+"""Adapter matmuls and covariance ops.
 
 Every op is a ``torch.autograd.Function`` with a hand-written backward for a frozen base and three
 backends chosen per call (``backend="auto" | "torch" | "composite" | "triton"``, see

@@ -11,7 +11,7 @@ shared block ``D`` (r×out)::
 where column k of ``tile_r(V)`` is ``V[:, k mod r]``. This is LoRA with a fixed ``A = [I_r … I_r]``:
 the triton backend runs K1 with ``L = X̃`` for Y, K3 for V and dDᵀ in one read of G, and K1 with
 the tiled-add epilogue for dX. "mini" tiles ``D = Dm.repeat(1, out/mini_r)`` (autograd sums the
-gradient back); "bat" materialises ``W' = W + bat_delta(W, T)`` (spec §6.7, composite only).
+gradient back); "bat" materialises ``W' = W + bat_delta(W, T)`` (composite only: the update depends on W itself).
 """
 
 from __future__ import annotations

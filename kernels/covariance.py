@@ -4,7 +4,7 @@ CorDA (arXiv 2406.05223) and KORE (arXiv 2510.19316) need the covariance of each
 input over a calibration set. ``cov_accumulate_`` adds ``w · X̂ᵀX̂`` (``X̂`` = the rows of X that
 ``row_mask`` keeps) into an fp32 accumulator, counting tokens and calls on the device so no call
 syncs the host; it buffers small calls until ``min_tokens`` rows are waiting, because one update
-is memory-bound below ~1 k tokens (spec §4, §6.9). ``cov_finalize`` symmetrises
+is memory-bound below ~1 k tokens (too little work per byte of C read and written). ``cov_finalize`` symmetrises
 (``triu(C) + triu(C, 1)ᵀ``: the triton kernel updates only the upper-triangle tiles), normalises,
 optionally centres (``C/n − μμᵀ``) and checks finiteness once.
 """

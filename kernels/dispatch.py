@@ -1,4 +1,4 @@
-"""Backend selection for the ops of :mod:`lifelong.kernels` (``shared/specs/kernels.md`` §7).
+"""Backend selection for the ops of :mod:`lifelong.kernels`.
 
 Backends: ``torch`` (plain torch, hand-written backward: the oracle and the CPU path),
 ``composite`` (the same maths arranged as few BLAS calls as possible, accumulating in place) and
@@ -156,14 +156,3 @@ def run_with_fallback(op: str, triton_fn, composite_fn):  # type: ignore[no-unty
         warn_once(f"error:{op}", f"{op}: Triton kernel failed ({err!r}); using 'composite' instead")
         return composite_fn()
 
-
-def same_dtype(op: str, **tensors: Tensor | None) -> torch.dtype:
-    """All given tensors must share one floating dtype (the activation dtype); return it."""
-    items = [(k, t) for k, t in tensors.items() if t is not None]
-    dtype = items[0][1].dtype
-    if not dtype.is_floating_point:
-        raise TypeError(f"{op}: {items[0][0]} must be floating point, got {dtype}")
-    for name, t in items[1:]:
-        if t.dtype != dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {items[0][0]} has {dtype}; they must match")
-    return dtype

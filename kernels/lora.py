@@ -11,7 +11,7 @@ scale ``s`` (``scale · s_vec``)::
 W and b are frozen: no kernel computes dW or db (a base that requires grad runs plain autograd).
 Backends: ``torch`` (the formulas above), ``composite`` (in-place ``addmm`` accumulation, fewest
 passes), ``triton`` (K1 seeded with the rank-r product for Y and dX, K3 for dU and dB in one read
-of G; the shrink ``U`` and ``dA`` stay BLAS calls, spec §6.3-6.4).
+of G; the shrink ``U`` and ``dA`` stay BLAS calls, as in LoRAFusion).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Plain-torch reference implementations of the adapter matmuls.
 
-These are the oracle and the CPU path of every op in :mod:`lifelong.kernels` (see
-``shared/specs/kernels.md`` §2-3). Autograd differentiates them; the frozen base weight never
+These are the oracle and the CPU path of every op in :mod:`lifelong.kernels`: the plain
+formulas of LoRA (arXiv 2106.09685), LaMDA (arXiv 2406.12832), Bone / MiSS (arXiv 2409.15371)
+and SSF (arXiv 2210.08823). Autograd differentiates them; the frozen base weight never
 receives a gradient because it has ``requires_grad=False``.
 """
 

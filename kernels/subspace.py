@@ -5,7 +5,7 @@ With an orthonormal basis ``Q ∈ R^{d×k}`` of the input space (``W ∈ R^{N×d
     onto(W) = (W Q) Qᵀ        out(W) = W − (W Q) Qᵀ        onto + out = W
 
 Two GEMMs, always in ``compute_dtype`` (fp32 by default): with bf16 operands the rounding of W
-(~2⁻⁹‖W‖) would leak into the result at the size of the component being removed (spec §6.10).
+(~2⁻⁹‖W‖) would leak into the result at the size of the component being removed.
 ``out`` is one fused ``addmm`` (β=1, α=−1); w itself is never written. Differentiable in W (it is linear).
 """
 

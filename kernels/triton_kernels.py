@@ -1,4 +1,4 @@
-"""Triton kernels behind :mod:`lifelong.kernels` (``shared/specs/kernels.md`` §6).
+"""Triton kernels behind :mod:`lifelong.kernels` (fused design after LoRAFusion, arXiv 2510.00206).
 
 Imported lazily, the first time an op resolves to the ``triton`` backend, so ``import lifelong``
 works without triton and the interpreter decision (``TRITON_INTERPRET=1``, read by ``triton.jit``
@@ -30,7 +30,7 @@ INTERPRET = interpreting()
 
 
 def _configs(full: list[triton.Config], small: triton.Config) -> list[triton.Config]:
-    """Autotuning needs a driver: the interpreter gets exactly one config (spec §8.2 rule 2)."""
+    """Autotuning needs a driver: the interpreter gets exactly one config."""
     return [small] if INTERPRET else full
 
 

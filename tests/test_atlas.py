@@ -1,4 +1,4 @@
-"""aTLAS: spec invariants (shared/specs/atlas.md §6) against direct weight arithmetic."""
+"""aTLAS (arXiv 2407.02880): composition, merging, saving and coefficients against direct weight arithmetic."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_reference_partition_leaves_non_2d_blocks_unchanged(setup):
 
 def test_coefficient_count_is_n_times_m():
     model = ll.wrap(toy(0), "atlas", task_vectors=[atlas.task_vector(toy(s), toy(0)) for s in (1, 2, 3)])
-    assert sum(p.numel() for p in model.trainable_parameters()) == 12  # spec: 3 vectors × 4 blocks
+    assert sum(p.numel() for p in model.trainable_parameters()) == 12  # 3 vectors × 4 blocks
     weights = ll.wrap(toy(0), "atlas", task_vectors=[atlas.task_vector(toy(1), toy(0))], block_filter="weights")
     assert atlas.coefficients(weights).blocks == ["0.weight", "2.weight"]
 

@@ -1,7 +1,7 @@
 """The Triton kernels of lifelong.kernels, run by triton's interpreter on the CPU.
 
 ``triton.jit`` decides between compiled and interpreted mode when a kernel is decorated, from
-``TRITON_INTERPRET``; flipping it inside a running pytest process is fragile (spec §8.2 rule 3). So
+``TRITON_INTERPRET``; flipping it inside a running pytest process is fragile (kernels already decorated stay compiled). So
 this module has two faces:
 
 - in a normal run (variable unset) it holds one test that re-runs this very file with pytest in a
@@ -13,7 +13,7 @@ this module has two faces:
   dropout on/off, guard bands, determinism, gradcheck, and the adapters across backends.
 
 Error criterion (FlashAttention's): ``max|kernel − ref64| ≤ 2·max|torch_same_dtype − ref64| +
-floor·max|ref64|``, plus the spec's ceiling on the relative Frobenius error; NaN never passes.
+floor·max|ref64|``, plus a per-dtype ceiling on the relative Frobenius error; NaN never passes.
 """
 
 from __future__ import annotations
