@@ -8,6 +8,7 @@ adapter can be rebuilt with exactly the same settings.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,6 +29,9 @@ class AdapterConfig:
             in full and saved with the adapter; each adapter gets its own copy.
         rank_pattern: per-layer overrides of ``r`` (full module name or suffix -> rank). Methods
             that choose ranks themselves write their choice here so a saved adapter reloads.
+        layers_to_transform: PEFT's option: only targets in these layer indices (an int or a list),
+            the index being the number after one of ``layers_pattern`` in the module name
+            (default PEFT's ``layers``, ``h``, ``block``, ``blocks``, ``layer``).
     """
 
     method: ClassVar[str] = ""
@@ -36,6 +40,8 @@ class AdapterConfig:
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -48,6 +54,17 @@ class AdapterConfig:
                 setattr(self, name, list(value))
             elif value is not None and not isinstance(value, (str, list)):
                 raise ValueError(f"{name} must be a list of name suffixes, a regex string or None, got {value!r}")
+        layers = self.layers_to_transform
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            self.layers_to_transform = layers = [layers]
+        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers
+                                   or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)):
+            raise ValueError(f"layers_to_transform must be a layer index or a non-empty list of them (ints >= 0), "
+                             f"got {layers!r}")
+        if isinstance(self.layers_pattern, str):
+            self.layers_pattern = [self.layers_pattern]
+        if self.layers_pattern is not None and not all(isinstance(p, str) and p for p in self.layers_pattern):
+            raise ValueError(f"layers_pattern must be a module name part or a list of them, got {self.layers_pattern!r}")
         if self.modules_to_save is not None and not isinstance(self.modules_to_save, (list, tuple)):
             raise ValueError(f"modules_to_save must be a list of module-name suffixes, got {self.modules_to_save!r}")
 
@@ -88,3 +105,14 @@ def positive_int(name: str, value: Any) -> None:
 def one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """LoRA's ``alpha / r``, or rsLoRA's ``alpha / √r`` (Kalajdzievski, arXiv 2312.03732)."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def check_alpha_pattern(values: dict[str, float]) -> None:
+    if not isinstance(values, dict) or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0
+                                           for v in values.values()):
+        raise ValueError(f"alpha_pattern must map module names to positive lora_alpha values, got {values!r}")

@@ -29,8 +29,7 @@ PEFT's numbers.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ from torch import Tensor, nn
 from ..kernels import lora_linear
 from .base import Adapter
 from .calibration import COV_DTYPES, CovarianceStats, resolve_statistics
-from .config import AdapterConfig, one_of, positive_int
+from .config import AdapterConfig, check_alpha_pattern, lora_scaling, one_of, positive_int
 from .registry import register
 from .targeting import resolve_rank
 
@@ -57,6 +56,7 @@ class CordaConfig(AdapterConfig):
 
     r: int = 8
     lora_alpha: float = 8.0
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     mode: str = "ipm"
     dropout: float = 0.0
@@ -73,6 +73,7 @@ class CordaConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         positive_int("r", self.r)
+        check_alpha_pattern(self.alpha_pattern)
         positive_int("max_doublings", self.max_doublings)
         one_of("mode", self.mode, MODES)
         one_of("cov_dtype", self.cov_dtype, tuple(COV_DTYPES))
@@ -90,8 +91,10 @@ class CordaConfig(AdapterConfig):
     def normalize(self) -> str:
         return "max" if self.parity else "none"
 
-    def scaling(self, r: int) -> float:
-        return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
+    def scaling(self, r: int, layer_name: str = "") -> float:
+        """The layer's LoRA scale, with ``alpha_pattern`` overriding ``lora_alpha`` per layer (PEFT's)."""
+        alpha = resolve_rank(self.alpha_pattern, layer_name, self.lora_alpha) if layer_name else self.lora_alpha
+        return lora_scaling(alpha, r, self.use_rslora)
 
 
 @dataclass
@@ -214,7 +217,7 @@ class CordaAdapter(LowRankResidualAdapter):
         super().__init__(base, config, layer_name, context, init)
         r = resolve_rank(config.rank_pattern, layer_name, config.r)
         check_rank(layer_name, r, base.weight)
-        self._build(base, r, config.scaling(r), config.dropout)
+        self._build(base, r, config.scaling(r, layer_name), config.dropout)
         if init:
             if not isinstance(context, Decomposition):
                 raise ValueError(f"CorDA layer {layer_name!r} has no decomposition; pass calibration=...")

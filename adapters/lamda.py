@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..kernels import lamda_linear
 from .base import Adapter, full_tensor, local_tensor
-from .config import AdapterConfig, one_of, positive_int
+from .config import AdapterConfig, check_alpha_pattern, lora_scaling, one_of, positive_int
 from .registry import register
 from .targeting import resolve_rank
 
@@ -57,6 +57,7 @@ class LaMDAConfig(AdapterConfig):
 
     r: int = 16
     lora_alpha: float = 16.0
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     dropout: float = 0.0
     init: str = "svd"
@@ -72,6 +73,7 @@ class LaMDAConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         positive_int("r", self.r)
+        check_alpha_pattern(self.alpha_pattern)
         positive_int("r_min", self.r_min)
         positive_int("grad_accum", self.grad_accum)
         one_of("init", self.init, ("svd", "lora"))
@@ -86,8 +88,10 @@ class LaMDAConfig(AdapterConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
-    def scaling(self, r: int) -> float:
-        return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
+    def scaling(self, r: int, layer_name: str = "") -> float:
+        """The layer's LoRA scale, with ``alpha_pattern`` overriding ``lora_alpha`` per layer (PEFT's)."""
+        alpha = resolve_rank(self.alpha_pattern, layer_name, self.lora_alpha) if layer_name else self.lora_alpha
+        return lora_scaling(alpha, r, self.use_rslora)
 
 
 def allocate_ranks(
@@ -163,7 +167,7 @@ class LaMDAAdapter(Adapter):
         positive_int(f"r for {layer_name!r}", r)
         if r > min(in_f, out_f):
             raise ValueError(f"r={r} exceeds min(in, out)={min(in_f, out_f)} of layer {layer_name!r}")
-        self.r, self.scale = r, config.scaling(r)
+        self.r, self.scale = r, config.scaling(r, layer_name)
         self.schedule = config.pmb_schedule
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.register_buffer("lora_A", torch.zeros(r, in_f, **factory))

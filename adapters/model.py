@@ -23,7 +23,7 @@ from .base import RESIDUAL_BUFFERS, AdaptedLayer, Adapter, SavedModule, full_ten
 from .config import AdapterConfig
 from .registry import get_method, make_config
 from .signature import plain_class, rebuild, signature_class
-from .targeting import (Conv1DLinear, adaptable, find_targets, iter_layers, name_matches, original_layer,
+from .targeting import (Conv1DLinear, adaptable, find_targets, in_layers, iter_layers, name_matches, original_layer,
                         set_submodule)
 
 CONFIG_FILE = "adapter_config.json"
@@ -110,6 +110,8 @@ class AdaptedModel(nn.Module):
         targets = find_targets(
             self.base_model, target_spec, config.exclude_modules, spec.adapter_cls.supported_types(config), spec.name
         )
+        if config.layers_to_transform is not None:
+            targets = in_layers(targets, config.layers_to_transform, config.layers_pattern)
         init = _state is None
         views = self._linear_views(targets, spec.adapter_cls.supported_types(config))
         try:

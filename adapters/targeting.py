@@ -187,3 +187,28 @@ def resolve_rank(rank_pattern: dict[str, int], name: str, default: int) -> int:
         return rank_pattern[name]
     suffixes = [k for k in rank_pattern if name.endswith("." + k)]
     return rank_pattern[max(suffixes, key=len)] if suffixes else default
+
+
+LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")  # PEFT's COMMON_LAYERS_PATTERN
+
+
+def layer_index(name: str, patterns: list[str] | tuple[str, ...]) -> int | None:
+    """The number after ``<pattern>.`` in a dotted module name (``model.layers.3.mlp`` -> 3)."""
+    for pattern in patterns:
+        found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def in_layers(targets: dict[str, nn.Module], layers: list[int], patterns: list[str] | None) -> dict[str, nn.Module]:
+    """PEFT's ``layers_to_transform``: keep the targets whose layer index is listed."""
+    patterns = patterns or LAYER_PATTERNS
+    kept = {n: m for n, m in targets.items() if layer_index(n, patterns) in set(layers)}
+    if not kept:
+        found = sorted({i for n in targets if (i := layer_index(n, patterns)) is not None})
+        raise ValueError(
+            f"layers_to_transform={layers} kept none of the {len(targets)} targets; layer indices found after "
+            f"{list(patterns)}: {found or 'none'} (set layers_pattern to the name part before the index)"
+        )
+    return kept

@@ -287,3 +287,44 @@ def test_gpt2_default_targets_follow_peft() -> None:
     m = ll.wrap(tiny_gpt2(), "bone", r=4)
     assert sorted(layer.adapters["default"].layer_name for layer in m.adapted_layers()) == [
         "transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+
+
+def test_peft_compatible_names() -> None:
+    """get_base_model, peft_config, merge_adapter / unmerge_adapter, layers_to_transform and
+    alpha_pattern mean what they mean in PEFT."""
+    model = ll.models.tiny_llama()
+    m = ll.wrap(model, "bone", r=4, layers_to_transform=1)
+    assert m.get_base_model() is model and m.peft_config is m.configs
+    assert sorted(layer.adapters["default"].layer_name for layer in m.adapted_layers()) == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    with torch.no_grad():
+        for p in m.trainable_parameters():
+            p.normal_(0, 0.1)
+    ids = torch.randint(0, 128, (1, 5))
+    live = m(input_ids=ids).logits
+    m.merge_adapter()
+    assert all(layer.merged == ["default"] for layer in m.adapted_layers())
+    torch.testing.assert_close(m(input_ids=ids).logits, live, rtol=0, atol=1e-5)
+    m.unmerge_adapter()
+    assert not any(layer.merged for layer in m.adapted_layers())
+    with pytest.raises(ValueError, match="layers_to_transform=\\[5\\] kept none"):
+        ll.wrap(ll.models.tiny_llama(), "bone", r=4, layers_to_transform=[5])
+    with pytest.raises(ValueError, match="layers_to_transform must be"):
+        ll.wrap(ll.models.tiny_llama(), "bone", r=4, layers_to_transform="1")
+
+
+@pytest.mark.parametrize("method", ["corda", "lamda"])
+def test_alpha_pattern_sets_the_scale_per_layer_and_survives_save(method: str, tmp_path) -> None:
+    model = ll.models.tiny_llama()
+    extra = {"calibration": [{"input_ids": torch.randint(0, 128, (2, 7))}], "progress": False} \
+        if method == "corda" else {"total_steps": 4}
+    m = ll.wrap(model, method, r=4, lora_alpha=8.0, alpha_pattern={"v_proj": 2.0}, **extra)
+    scales = {layer.adapters["default"].layer_name.rsplit(".", 1)[1]: layer.adapters["default"].scale
+              for layer in m.adapted_layers()}
+    assert scales == {"q_proj": 2.0, "v_proj": 0.5}
+    m.save_pretrained(tmp_path)
+    again = ll.load(ll.models.tiny_llama(), tmp_path)
+    assert [layer.adapters["default"].scale for layer in again.adapted_layers()] == [
+        layer.adapters["default"].scale for layer in m.adapted_layers()]
+    with pytest.raises(ValueError, match="alpha_pattern must map"):
+        ll.wrap(ll.models.tiny_llama(), method, r=4, alpha_pattern={"v_proj": -1.0}, **extra)
