@@ -20,7 +20,7 @@ per task. The generator is sized once for the stream (``n_tasks`` × classes con
 costing ``2·latent_dim + hidden`` floats in the prior and the decoder's first layer) and does not
 grow while training; KCL's coreset grows by ``samples_per_class`` inputs per class and task.
 
-Design decisions of ours (the paper could not be read, spec tags [D]): input-space generation with
+Design decisions of ours (the paper gives no details of them): input-space generation with
 MLP encoder/decoder for flattened inputs; decoder input ``[z, onehot(y)]``; SupCon applied to the
 latent means (``sc_space="latent"``; ``"feature"`` applies it to the generated support features f_θ(x̃) during the KRR phase);
 condition on (task, class) (the summary's p(x | z, y, t)); replayed conditions uniform over the
@@ -31,13 +31,15 @@ generator, ``gen_epochs`` epochs of generator training per task.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from .kcl import KCL, gaussian_kl
+from ..checks import non_negative_number, one_of, positive_int, positive_number
+from .kcl import KCL, KCLConfig, gaussian_kl
 
 __all__ = ["GKCL", "ConditionalVAE", "supcon_loss"]
 
@@ -102,29 +104,48 @@ class ConditionalVAE(nn.Module):
         return self.decode(z, y)
 
 
+@dataclass
+class GKCLConfig(KCLConfig):
+    """GKCL's settings: KCL's, and the class-conditional VAE that generates the support sets.
+
+    ``latent_dim`` and ``hidden`` size the VAE; ``beta_kl`` weighs its KL term; ``lambda_sc`` and
+    ``tau_sc`` weigh and temper the supervised-contrastive term, computed in ``sc_space``
+    (``"latent"`` or ``"feature"``); ``gen_epochs``, ``gen_lr`` and ``gen_batch_size`` train it.
+    """
+
+    latent_dim: int = 32
+    hidden: int = 128
+    beta_kl: float = 1.0
+    lambda_sc: float = 1.0
+    tau_sc: float = 0.1
+    sc_space: str = "latent"
+    gen_epochs: int = 30
+    gen_lr: float = 1e-3
+    gen_batch_size: int = 64
+
+    def validate(self) -> None:
+        super().validate()
+        one_of("sc_space", self.sc_space, ("latent", "feature"))
+        for name in ("latent_dim", "hidden", "gen_epochs", "gen_batch_size"):
+            positive_int(name, getattr(self, name))
+        for name in ("beta_kl", "lambda_sc"):
+            non_negative_number(name, getattr(self, name))
+        positive_number("tau_sc", self.tau_sc)
+        positive_number("gen_lr", self.gen_lr)
+
+
 class GKCL(KCL):
-    """KCL whose support sets come from a class-conditional VAE trained with generative replay."""
+    """KCL whose support sets come from a class-conditional VAE trained with generative replay.
+
+    Options are the fields of :class:`GKCLConfig` (or pass one as ``config``)."""
 
     name = "gkcl"
+    Config = GKCLConfig
 
-    def __init__(self, kernel: str = "linear", samples_per_class: int = 20, latent_dim: int = 32,
-                 hidden: int = 128, beta_kl: float = 1.0, lambda_sc: float = 1.0, tau_sc: float = 0.1,
-                 sc_space: str = "latent", gen_epochs: int = 30, gen_lr: float = 1e-3, gen_batch_size: int = 64,
-                 **kcl_options):
-        super().__init__(kernel=kernel, samples_per_class=samples_per_class, **kcl_options)
-        if sc_space not in ("latent", "feature"):
-            raise ValueError(f"sc_space must be 'latent' or 'feature', got {sc_space!r}")
-        if not isinstance(gen_epochs, int) or gen_epochs < 1:
-            raise ValueError(f"gen_epochs must be a positive int, got {gen_epochs!r}")
-        self.latent_dim, self.hidden, self.beta_kl, self.lambda_sc, self.tau_sc = latent_dim, hidden, beta_kl, lambda_sc, tau_sc
-        self.sc_space, self.gen_epochs, self.gen_lr, self.gen_batch_size = sc_space, gen_epochs, gen_lr, gen_batch_size
+    def __init__(self, config: GKCLConfig | None = None, **options):
+        super().__init__(config, **options)
         self._step = 0
         self.n_tasks = 1
-
-    def config(self) -> dict:
-        return {**super().config(), "latent_dim": self.latent_dim, "hidden": self.hidden, "beta_kl": self.beta_kl,
-                "lambda_sc": self.lambda_sc, "tau_sc": self.tau_sc, "sc_space": self.sc_space,
-                "gen_epochs": self.gen_epochs, "gen_lr": self.gen_lr, "gen_batch_size": self.gen_batch_size}
 
     def setup(self, backbone, train_exps, masks, device, seed) -> None:
         self.n_tasks = len(train_exps)
@@ -170,7 +191,7 @@ class GKCL(KCL):
 
     def support(self, task: int, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         classes = torch.as_tensor(self.task_classes[task], device=self.device)
-        y = classes.repeat_interleave(self.m)
+        y = classes.repeat_interleave(self.samples_per_class)
         cond = self._condition(task, y)
         if training:  # fresh samples every step, seeded by the step counter
             self._step += 1

@@ -17,7 +17,8 @@ calls "rbf"); ``poly`` (h·h'+1)³; ``vrf`` variational random Fourier features
 φ(h) = sqrt(2/D) cos(Ωh + b), Ω's rows ~ N(μ, σ²) with (μ, log σ²) from an amortised network of
 the mean coreset feature and a prior network of the mean batch feature, loss CE + τ·KL(q‖p).
 
-Choices of ours (the reference differs, see the spec): features are L2-normalised per row
+Choices of ours where the reference code differs (each reference behaviour is behind a flag): features
+are L2-normalised per row
 (``feature_norm="minmax"`` reproduces the reference's batch-wide min–max); the support set goes
 through the backbone concatenated with the query batch (one forward, so batch-norm sees one
 batch); evaluation uses task s's scalars (``reference_indexing=True``
@@ -30,17 +31,20 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
-from .method import ContinualMethod
+from ..checks import fraction, non_negative_number, one_of, positive_int, positive_number
+from .method import ContinualMethod, MethodConfig
 
 __all__ = ["KCL", "kernel_matrix", "krr_logits"]
 
 KERNELS = ("linear", "rbf", "laplacian_l1", "poly", "vrf")
+FEATURE_NORMS = ("l2", "minmax", "none")
 RIDGE_FLOOR = 0.01  # keeps K + ρI well conditioned in float32 (reference: |λ| + 0.01)
 
 
@@ -108,41 +112,60 @@ def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1).sum(-1)
 
 
+@dataclass
+class KCLConfig(MethodConfig):
+    """KCL's settings: the kernel, the coreset size and the reference's optimisation schedule.
+
+    ``lambda_init``, ``gamma_init`` and ``beta_init`` start each task's ridge and scaling scalars;
+    ``rff_dim`` and ``tau_kl`` apply to the random-Fourier-feature kernel; ``momentum``,
+    ``lr_decay`` and ``min_lr`` are the reference's SGD schedule; ``oracle_task`` lets an unlabelled
+    stream use the experience index as the task id.
+    """
+
+    kernel: str = "linear"
+    samples_per_class: int = 20
+    lambda_init: float = 0.1
+    gamma_init: float = 1.0
+    beta_init: float = 0.0
+    feature_norm: str = "l2"
+    lengthscale: float = 1.0
+    rff_dim: int = 1024
+    tau_kl: float = 1e-4
+    momentum: float = 0.8
+    lr_decay: float = 0.5
+    min_lr: float = 5e-5
+    reference_indexing: bool = False
+    oracle_task: bool = False
+
+    def validate(self) -> None:
+        one_of("kernel", self.kernel, KERNELS)
+        one_of("feature_norm", self.feature_norm, FEATURE_NORMS)
+        positive_int("samples_per_class", self.samples_per_class)
+        positive_number("lengthscale", self.lengthscale)
+        positive_int("rff_dim", self.rff_dim)
+        non_negative_number("tau_kl", self.tau_kl)
+        fraction("momentum", self.momentum)
+        fraction("lr_decay", self.lr_decay, open_low=True)
+        non_negative_number("min_lr", self.min_lr)
+
+
 class KCL(nn.Module, ContinualMethod):
-    """Kernel continual learning with a stored coreset; the user's model is the feature extractor."""
+    """Kernel continual learning with a stored coreset; the user's model is the feature extractor.
+
+    Options are the fields of :class:`KCLConfig` (or pass one as ``config``)."""
 
     name = "kcl"
     owns_loop = True
+    Config = KCLConfig
 
-    def __init__(self, kernel: str = "linear", samples_per_class: int = 20, lambda_init: float = 0.1,
-                 gamma_init: float = 1.0, beta_init: float = 0.0, feature_norm: str = "l2",
-                 lengthscale: float = 1.0, rff_dim: int = 1024, tau_kl: float = 1e-4, momentum: float = 0.8,
-                 lr_decay: float = 0.5, min_lr: float = 5e-5, reference_indexing: bool = False,
-                 oracle_task: bool = False):
+    def __init__(self, config: KCLConfig | None = None, **options):
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}")
-        if feature_norm not in ("l2", "minmax", "none"):
-            raise ValueError(f"feature_norm must be 'l2', 'minmax' or 'none', got {feature_norm!r}")
-        if not isinstance(samples_per_class, int) or samples_per_class < 1:
-            raise ValueError(f"samples_per_class must be a positive int, got {samples_per_class!r}")
-        self.kernel, self.m, self.feature_norm, self.lengthscale = kernel, samples_per_class, feature_norm, lengthscale
-        self.inits = (lambda_init, gamma_init, beta_init)
-        self.rff_dim, self.tau_kl, self.momentum = rff_dim, tau_kl, momentum
-        self.lr_decay, self.min_lr, self.reference_indexing = lr_decay, min_lr, reference_indexing
-        self.oracle_task = oracle_task
+        self.configure(config, options)
         self.scalars = nn.ParameterList()
         self.task_classes: list[list[int]] = []
         self.coreset_x: list[torch.Tensor] = []
         self.coreset_y: list[torch.Tensor] = []
         self.current_task = -1
-
-    def config(self) -> dict:
-        return {"kernel": self.kernel, "samples_per_class": self.m, "inits": list(self.inits),
-                "feature_norm": self.feature_norm, "lengthscale": self.lengthscale, "rff_dim": self.rff_dim,
-                "tau_kl": self.tau_kl, "momentum": self.momentum, "lr_decay": self.lr_decay,
-                "min_lr": self.min_lr, "reference_indexing": self.reference_indexing,
-                "oracle_task": self.oracle_task}
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, backbone: nn.Module, train_exps: list, masks, device, seed: int) -> None:
@@ -186,7 +209,7 @@ class KCL(nn.Module, ContinualMethod):
 
     def _add_task(self, index: int) -> None:
         while len(self.scalars) <= index:
-            self.scalars.append(nn.Parameter(torch.tensor(list(self.inits), device=self.device)))
+            self.scalars.append(nn.Parameter(torch.tensor([self.lambda_init, self.gamma_init, self.beta_init], device=self.device)))
             self.task_classes.append([])
 
     def method_parameters(self, index: int) -> list[nn.Parameter]:
@@ -241,10 +264,10 @@ class KCL(nn.Module, ContinualMethod):
         picked = []
         for c in sorted(set(ys.tolist())):
             idx = (ys == c).nonzero().squeeze(1)
-            if len(idx) <= self.m:
+            if len(idx) <= self.samples_per_class:
                 raise ValueError(f"KCL: class {c} of experience {index} has {len(idx)} training samples; "
-                                 f"samples_per_class={self.m} must leave some for training")
-            picked.append(idx[torch.randperm(len(idx), generator=g)[: self.m]])
+                                 f"samples_per_class={self.samples_per_class} must leave some for training")
+            picked.append(idx[torch.randperm(len(idx), generator=g)[: self.samples_per_class]])
         core = torch.cat(picked).sort().values
         self.coreset_x.append(_inputs(dataset, core).to(self.device))
         self.coreset_y.append(ys[core].to(self.device))

@@ -19,12 +19,21 @@ Methods that own their whole training loop (the kernel methods KCL and GKCL) set
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ContinualMethod", "AvalancheBaseline"]
+__all__ = ["ContinualMethod", "AvalancheBaseline", "MethodConfig"]
+
+
+@dataclass
+class MethodConfig:
+    """A method's settings: a dataclass whose ``validate()`` checks every field (and changes none)."""
+
+    def validate(self) -> None:
+        pass
 
 
 class ContinualMethod:
@@ -34,9 +43,36 @@ class ContinualMethod:
     owns_loop = False  # True: the method trains an experience itself (train_experience, predict)
     native = True  # False: the method exists only as an Avalanche strategy
     strategy = "naive"  # the Avalanche strategy the method's plugin runs inside
+    Config: type[MethodConfig] = MethodConfig
+
+    def configure(self, config: MethodConfig | None, options: dict[str, Any]) -> None:
+        """Set the settings from a ``Config`` or from keyword options, checked once by ``validate``.
+
+        The settings become attributes of the method (a changed attribute is what the next step
+        uses, and what :meth:`config` reports)."""
+        if config is not None:
+            if options:
+                raise ValueError(f"{self.name}: pass a {self.Config.__name__} or keyword options, not both")
+            if not isinstance(config, self.Config):
+                raise TypeError(f"{self.name}: config must be a {self.Config.__name__}, got {type(config).__name__}")
+        else:
+            allowed = [f.name for f in fields(self.Config)]
+            unknown = sorted(set(options) - set(allowed))
+            if unknown:
+                raise ValueError(f"{self.name}: unknown option(s) {unknown}; valid: {', '.join(allowed)}")
+            config = self.Config(**options)
+        config.validate()
+        for f in fields(config):
+            setattr(self, f.name, getattr(config, f.name))
+
+    def settings(self) -> MethodConfig:
+        """The current settings as a (validated) ``Config``."""
+        config = self.Config(**{f.name: getattr(self, f.name) for f in fields(self.Config)})
+        config.validate()
+        return config
 
     def config(self) -> dict[str, Any]:
-        return {}
+        return asdict(self.settings())
 
     def before_experience(self, model: nn.Module, index: int) -> None:
         pass

@@ -24,6 +24,8 @@ import math
 import numpy as np
 import torch
 
+from ..checks import positive_int
+
 __all__ = [
     "AccuracyMatrix",
     "accuracy",
@@ -60,8 +62,7 @@ class AccuracyMatrix:
     """T×T accuracy matrix plus the length-T vector of accuracies before training (NaN = unmeasured)."""
 
     def __init__(self, n_tasks: int):
-        if not isinstance(n_tasks, int) or n_tasks < 1:
-            raise ValueError(f"AccuracyMatrix: n_tasks must be a positive int, got {n_tasks!r}")
+        positive_int("AccuracyMatrix: n_tasks", n_tasks)
         self.n_tasks = n_tasks
         self._r = np.full((n_tasks, n_tasks), np.nan)
         self._b = np.full(n_tasks, np.nan)

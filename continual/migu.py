@@ -36,11 +36,13 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .method import ContinualMethod
+from ..checks import fraction, non_negative_int, one_of
+from .method import ContinualMethod, MethodConfig
 
 __all__ = ["MIGU", "migu_mask", "match_modules"]
 
@@ -132,8 +134,9 @@ def _tied_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
-class MIGU(ContinualMethod):
-    """Gradient masking by output magnitude; attach to a model, call the three step hooks.
+@dataclass
+class MIGUConfig(MethodConfig):
+    """MIGU's settings.
 
     Args:
         mask_ratio: T, the fraction of output units whose gradient is masked, in [0, 1].
@@ -146,22 +149,30 @@ class MIGU(ContinualMethod):
             cannot move them); the reference does not (False).
     """
 
-    name = "migu"
+    mask_ratio: float = 0.7
+    normalize: str = "none"
+    start_task: int = 1
+    mask_bias: bool = False
+    target_modules: Any = "all-linear"
+    freeze_masked_updates: bool = False
 
-    def __init__(self, mask_ratio: float = 0.7, normalize: str = "none", start_task: int = 1,
-                 mask_bias: bool = False, target_modules="all-linear", freeze_masked_updates: bool = False):
-        if not isinstance(mask_ratio, (int, float)) or not 0.0 <= float(mask_ratio) <= 1.0:
-            raise ValueError(f"MIGU: mask_ratio (T, fraction masked) must be in [0, 1], got {mask_ratio!r}")
-        if normalize not in _NORMALIZE:
-            raise ValueError(f"MIGU: unknown normalize {normalize!r}; valid: {', '.join(_NORMALIZE)}")
-        if not isinstance(start_task, int) or start_task < 0:
-            raise ValueError(f"MIGU: start_task must be a non-negative int, got {start_task!r}")
-        self.mask_ratio = float(mask_ratio)
-        self.normalize = normalize
-        self.start_task = start_task
-        self.mask_bias = mask_bias
-        self.target_modules = target_modules
-        self.freeze_masked_updates = freeze_masked_updates
+    def validate(self) -> None:
+        fraction("mask_ratio", self.mask_ratio)
+        one_of("normalize", self.normalize, _NORMALIZE)
+        non_negative_int("start_task", self.start_task)
+
+
+class MIGU(ContinualMethod):
+    """Gradient masking by output magnitude; attach to a model, call the three step hooks.
+
+    Options are the fields of :class:`MIGUConfig` (or pass one as ``config``).
+    """
+
+    name = "migu"
+    Config = MIGUConfig
+
+    def __init__(self, config: MIGUConfig | None = None, **options):
+        self.configure(config, options)
         self.targets: list[_Target] = []
         self.unmasked: list[str] = []
         self._groups: list[_WidthGroup] = []
@@ -171,11 +182,6 @@ class MIGU(ContinualMethod):
         self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     # -- configuration -------------------------------------------------------------------------
-    def config(self) -> dict:
-        return {"mask_ratio": self.mask_ratio, "normalize": self.normalize, "start_task": self.start_task,
-                "mask_bias": self.mask_bias, "target_modules": self.target_modules,
-                "freeze_masked_updates": self.freeze_masked_updates}
-
     @property
     def attached(self) -> bool:
         return bool(self._handles)

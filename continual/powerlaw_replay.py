@@ -23,13 +23,15 @@ budget equally with the largest-remainder rule (the lineage code floors, losing 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 import warnings
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Subset
 
-from .method import ContinualMethod
+from ..checks import non_negative_int, non_negative_number, one_of, positive_number
+from .method import ContinualMethod, MethodConfig
 
 __all__ = ["PowerLawReplay", "rehearsal_weights", "rehearsal_schedule", "largest_remainder"]
 
@@ -69,14 +71,10 @@ def largest_remainder(real: np.ndarray, total: int) -> np.ndarray:
 
 
 def _check(kind: str, alpha: float, offset: float, beta: float) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown rehearsal kind {kind!r}; valid: {', '.join(KINDS)}")
-    if alpha < 0:
-        raise ValueError(f"alpha (power-law exponent) must be >= 0, got {alpha}")
-    if offset < 0:
-        raise ValueError(f"offset c must be >= 0, got {offset}")
-    if beta <= 0:
-        raise ValueError(f"beta (exponential scale) must be > 0, got {beta}")
+    one_of("kind", kind, KINDS)
+    non_negative_number("alpha (the power-law exponent)", alpha)
+    non_negative_number("offset c", offset)
+    positive_number("beta (the exponential scale)", beta)
 
 
 def rehearsal_schedule(n_new, kind: str = "powerlaw", alpha: float = 1.0, offset: float = 1.0,
@@ -85,7 +83,7 @@ def rehearsal_schedule(n_new, kind: str = "powerlaw", alpha: float = 1.0, offset
     """The matrix F (tasks × phases): ``F[j, i]`` samples of task j in phase i.
 
     ``n_new``: list of per-task training-set sizes (phase i's new data). ``real=True`` returns the
-    unrounded amounts (for the ratio invariants).
+    unrounded amounts (to check the ratios between tasks).
     """
     _check(kind, alpha, offset, beta)
     if mode not in MODES:
@@ -116,12 +114,9 @@ def rehearsal_schedule(n_new, kind: str = "powerlaw", alpha: float = 1.0, offset
     return f
 
 
-class PowerLawReplay(ContinualMethod):
-    """Rehearsal environment over past tasks: which samples of each old task go into each phase.
-
-    Framework-free: it sees datasets only through their lengths and returns index arrays; the native
-    loop builds ``Subset``/``ConcatDataset`` from them and the Avalanche plugin uses
-    ``AvalancheDataset.subset``/``concat``. Lags are counted from the phase in which a task was new.
+@dataclass
+class PowerLawConfig(MethodConfig):
+    """Power-law rehearsal's settings.
 
     Args:
         kind: ``"powerlaw"``, ``"exponential"``, ``"uniform"``, ``"none"`` or ``"all"``.
@@ -133,22 +128,38 @@ class PowerLawReplay(ContinualMethod):
         seed: seeds every draw.
     """
 
+    kind: str = "powerlaw"
+    alpha: float = 1.0
+    offset: float = 1.0
+    ratio: float = 0.25
+    beta: float = 1.0
+    mode: str = "budgeted"
+    min_per_task: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.kind, self.alpha, self.offset, self.beta)
+        one_of("mode", self.mode, MODES)
+        non_negative_number("ratio (the replay fraction)", self.ratio)
+        non_negative_int("min_per_task", self.min_per_task)
+        non_negative_int("seed", self.seed)
+
+
+class PowerLawReplay(ContinualMethod):
+    """Rehearsal environment over past tasks: which samples of each old task go into each phase.
+
+    Framework-free: it sees datasets only through their lengths and returns index arrays; the native
+    loop builds ``Subset``/``ConcatDataset`` from them and the Avalanche plugin uses
+    ``AvalancheDataset.subset``/``concat``. Lags are counted from the phase in which a task was new.
+    Options are the fields of :class:`PowerLawConfig` (or pass one as ``config``).
+    """
+
     name = "powerlaw"
+    Config = PowerLawConfig
 
-    def __init__(self, kind: str = "powerlaw", alpha: float = 1.0, offset: float = 1.0, ratio: float = 0.25,
-                 beta: float = 1.0, mode: str = "budgeted", min_per_task: int = 0, seed: int = 0):
-        _check(kind, alpha, offset, beta)
-        if mode not in MODES:
-            raise ValueError(f"unknown rehearsal mode {mode!r}; valid: {', '.join(MODES)}")
-        if ratio < 0:
-            raise ValueError(f"ratio (replay fraction) must be >= 0, got {ratio}")
-        self.kind, self.alpha, self.offset, self.ratio = kind, float(alpha), float(offset), float(ratio)
-        self.beta, self.mode, self.min_per_task, self.seed = float(beta), mode, int(min_per_task), int(seed)
+    def __init__(self, config: PowerLawConfig | None = None, **options):
+        self.configure(config, options)
         self.past_sizes: list[int] = []
-
-    def config(self) -> dict:
-        return {"kind": self.kind, "alpha": self.alpha, "offset": self.offset, "ratio": self.ratio,
-                "beta": self.beta, "mode": self.mode, "min_per_task": self.min_per_task, "seed": self.seed}
 
     def _rng(self, phase: int, task: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + phase * 1_009 + task)

@@ -39,8 +39,8 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
+from ..checks import positive_int
 from .classp import ClasspMethod
 from .loop import (Experience, evaluate_stream, experience_seed, fingerprint, load_checkpoint, make_optimizer,
                    restrict_logits, save_checkpoint, set_candidates, shuffled_loader, task_class_masks, trainable,
@@ -100,12 +100,6 @@ def _adapter_mode(adapter, adapter_mode: str | None, per_task_adapter: bool) -> 
     return adapter_mode
 
 
-def _check_positive(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def run_stream(model: nn.Module, stream, method="naive", *, method_options: dict | None = None,
                adapter: str | None = None, adapter_options: dict | None = None, per_task_adapter: bool = False,
                adapter_mode: str | None = None, calibration_samples: int = 256, engine: str = "auto",
@@ -143,7 +137,8 @@ def run_stream(model: nn.Module, stream, method="naive", *, method_options: dict
     """
     method_options = dict(method_options or {})
     adapter_options = dict(adapter_options or {})
-    _check_positive(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        positive_int(name, value)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     if resume and checkpoint_dir is None:

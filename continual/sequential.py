@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import positive_int
+
 __all__ = ["SequentialAdapters", "Backbone", "CALIBRATED"]
 
 CALIBRATED = ("kore", "corda")
@@ -39,8 +41,7 @@ class SequentialAdapters:
         if method not in CALIBRATED:
             raise ValueError(f"adapter_mode='sequential' needs a calibrated adapter ({', '.join(CALIBRATED)}), "
                              f"got {method!r}")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"calibration_samples must be a positive int, got {samples!r}")
+        positive_int("calibration_samples", samples)
         self.holder, self.method, self.samples, self.batch_size, self.seed = holder, method, samples, batch_size, seed
         self.options = {k: v for k, v in options.items() if k != "calibration"}
         self.first_calibration = options.get("calibration")

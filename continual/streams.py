@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..checks import positive_int
+
 __all__ = [
     "split_digits",
     "permuted_digits",
@@ -93,8 +95,9 @@ def benchmark_from_tensors(train: list[tuple[torch.Tensor, torch.Tensor]],
 def split_digits(n_tasks: int = 5, task_incremental: bool = False, test_size: float = 0.3, seed: int = 0,
                  class_order: list[int] | None = None, as_image: bool = False):
     """Split-digits stream: classes ``class_order`` (default 0..9) cut into ``n_tasks`` groups."""
-    if not isinstance(n_tasks, int) or not 1 <= n_tasks <= 10:
-        raise ValueError(f"split_digits: n_tasks must be an int in 1..10, got {n_tasks!r}")
+    positive_int("split_digits: n_tasks", n_tasks)
+    if n_tasks > 10:
+        raise ValueError(f"split_digits: n_tasks must be at most 10 (one class per task), got {n_tasks!r}")
     order = list(range(10)) if class_order is None else [int(c) for c in class_order]
     if sorted(order) != list(range(10)):
         raise ValueError(f"split_digits: class_order must be a permutation of 0..9, got {class_order!r}")
@@ -114,8 +117,7 @@ def split_digits(n_tasks: int = 5, task_incremental: bool = False, test_size: fl
 def permuted_digits(n_tasks: int = 10, test_size: float = 0.3, seed: int = 0, task_labels: bool = False,
                     as_image: bool = False):
     """Permuted-digits stream (domain-incremental); task 0 keeps the original pixel order."""
-    if not isinstance(n_tasks, int) or n_tasks < 1:
-        raise ValueError(f"permuted_digits: n_tasks must be a positive int, got {n_tasks!r}")
+    positive_int("permuted_digits: n_tasks", n_tasks)
     xtr, ytr, xte, yte = _digits(test_size, seed)
     g = torch.Generator().manual_seed(seed)
     perms = [torch.arange(64)] + [torch.randperm(64, generator=g) for _ in range(n_tasks - 1)]
@@ -130,8 +132,7 @@ def rotated_digits(n_tasks: int = 5, angles: list[float] | None = None, test_siz
     from torchvision.transforms.functional import InterpolationMode, rotate
 
     if angles is None:
-        if not isinstance(n_tasks, int) or n_tasks < 1:
-            raise ValueError(f"rotated_digits: n_tasks must be a positive int, got {n_tasks!r}")
+        positive_int("rotated_digits: n_tasks", n_tasks)
         angles = np.linspace(0.0, 90.0, n_tasks).tolist()
     if len(angles) == 0:
         raise ValueError("rotated_digits: angles is empty (need at least one experience)")

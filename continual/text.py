@@ -30,6 +30,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..checks import optional, positive_int
+
 __all__ = ["TextTask", "TextStream", "cl_benchmark", "text_stream", "ORDERS", "find_tasks"]
 
 # The task orders of the papers' scripts (O-LoRA and MIGU use orders 1-3 on the standard CL
@@ -123,8 +125,7 @@ class TextStream:
 # ---- tokenization ------------------------------------------------------------------------------
 
 def check_max_length(max_length: Any) -> None:
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
-        raise ValueError(f"max_length must be a positive int (tokens per sequence), got {max_length!r}")
+    positive_int("max_length (tokens per sequence)", max_length)
 
 
 def check_template(template: Any) -> None:
@@ -215,10 +216,6 @@ def _split(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np
     return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
 
 
-def _check_count(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be None (all items) or a positive int (items per class), got {value!r}")
-
 
 def cl_benchmark(folder: str | os.PathLike, tasks: Sequence[str] | str, n_train: int | None = None,
                  n_test: int | None = None, seed: int = 0, task_incremental: bool = True,
@@ -245,8 +242,8 @@ def cl_benchmark(folder: str | os.PathLike, tasks: Sequence[str] | str, n_train:
         raise ValueError("cl_benchmark: tasks is empty (name at least one task)")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"cl_benchmark: a task appears twice in {tasks}")
-    _check_count("n_train", n_train)
-    _check_count("n_test", n_test)
+    optional(positive_int, "n_train (items per class)", n_train)
+    optional(positive_int, "n_test (items per class)", n_test)
     found = find_tasks(folder)
     missing = [t for t in tasks if t not in found]
     if missing:
