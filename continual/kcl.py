@@ -17,8 +17,7 @@ calls "rbf"); ``poly`` (h·h'+1)³; ``vrf`` variational random Fourier features
 φ(h) = sqrt(2/D) cos(Ωh + b), Ω's rows ~ N(μ, σ²) with (μ, log σ²) from an amortised network of
 the mean coreset feature and a prior network of the mean batch feature, loss CE + τ·KL(q‖p).
 
-Choices of ours where the reference code differs (each reference behaviour is behind a flag): features
-are L2-normalised per row
+Choices of ours where the reference code differs: features are L2-normalised per row
 (``feature_norm="minmax"`` reproduces the reference's batch-wide min–max); the support set goes
 through the backbone concatenated with the query batch (one forward, so batch-norm sees one
 batch); evaluation uses task s's scalars (``reference_indexing=True``
