@@ -450,3 +450,13 @@ def test_text_config_runs_end_to_end_and_writes_the_report(tmp_path):
     assert cell["config"]["text"]["tokenizer"]["class"].startswith("BertTokenizer")
     assert np.asarray(cell["accuracy_matrix"], dtype=float).shape == (2, 2)
     assert results is not None
+
+
+def test_one_adapter_per_task_never_forgets_on_text():
+    res = _run(minilm(), tiny_stream(), adapter="bone", adapter_mode="per_task", adapter_options={"r": 8},
+               optimizer="adam", lr=1e-3, epochs=2)
+    r = np.asarray(res.accuracy_matrix)
+    # task 0's adapter is untouched while task 1 trains, and the shared head's rows of task 0's
+    # classes get no gradient under the task mask: its column is constant
+    assert r[1, 0] == r[0, 0] and res.forgetting == 0.0
+    assert res.config["adapter_mode"] == "per_task"
