@@ -304,21 +304,26 @@ def test_text_bad_input_fails_before_training():
         lc.run_stream(nn.Linear(64, 10), lc.split_digits(2), tokenizer=tokenizer(), progress=False)
 
 
+def interrupt_after(steps: int):
+    """A cross-entropy criterion that interrupts the run at step ``steps + 1`` (in the second task here)."""
+    calls = {"n": 0}
+
+    def criterion(logits, y):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt
+        return nn.functional.cross_entropy(logits, y)
+
+    return criterion
+
+
 def test_resume_equals_an_uninterrupted_run_and_refuses_another_stream(tmp_path):
     stream = tiny_stream()
     full = _run(minilm(), stream, "migu", method_options={"start_task": 0}, adapter="bone",
                 adapter_options={"r": 8}, checkpoint_dir=str(tmp_path / "a"))
-    calls = {"n": 0}
-
-    def stop_in_second_task(logits, y):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise KeyboardInterrupt
-        return nn.functional.cross_entropy(logits, y)
-
     with pytest.raises(KeyboardInterrupt):
         _run(minilm(), stream, "migu", method_options={"start_task": 0}, adapter="bone", adapter_options={"r": 8},
-             checkpoint_dir=str(tmp_path / "b"), criterion=stop_in_second_task)
+             checkpoint_dir=str(tmp_path / "b"), criterion=interrupt_after(3))
     resumed = _run(minilm(), stream, "migu", method_options={"start_task": 0}, adapter="bone",
                    adapter_options={"r": 8}, checkpoint_dir=str(tmp_path / "b"), resume=True)
     assert resumed.accuracy_matrix == full.accuracy_matrix
@@ -361,16 +366,8 @@ def test_sequential_kore_starts_each_task_from_the_merged_model_and_resumes(tmp_
                     adapter_options={"r": 4, "progress": False}, **kw)
 
     full = run(checkpoint_dir=str(tmp_path / "a"))
-    calls = {"n": 0}
-
-    def stop(logits, y):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise KeyboardInterrupt
-        return nn.functional.cross_entropy(logits, y)
-
     with pytest.raises(KeyboardInterrupt):
-        run(checkpoint_dir=str(tmp_path / "b"), criterion=stop)
+        run(checkpoint_dir=str(tmp_path / "b"), criterion=interrupt_after(3))
     assert run(checkpoint_dir=str(tmp_path / "b"), resume=True).accuracy_matrix == full.accuracy_matrix
     with pytest.raises(ValueError, match="needs a calibrated adapter"):
         _run(minilm(), stream, adapter="bone", adapter_mode="sequential")
