@@ -5,7 +5,7 @@ user builds) or a :class:`~lifelong.continual.text.TextStream` (any Hugging Face
 its tokenizer: the stream is tokenized once, and the model becomes a
 :class:`~lifelong.continual.text_model.TextClassifier` over the stream's global classes).
 
-Two engines share the evaluation, checkpointing and result code (:mod:`.loop`) and call every
+Three engines share the evaluation, checkpointing and result code (:mod:`.loop`) and call every
 method through the same hooks (:class:`~lifelong.continual.method.ContinualMethod`):
 
 * ``"native"``: a plain torch loop (forward → backward → ``after_backward`` → step →
@@ -13,6 +13,8 @@ method through the same hooks (:class:`~lifelong.continual.method.ContinualMetho
 * ``"avalanche"``: an Avalanche strategy per experience (``strategy.train(exp)``), with each
   method's plugin, and every Avalanche baseline (``naive``, ``ewc``, ``replay``, ``lwf``, ``si``,
   ``agem``, ``gem``, ``mas``, ``cumulative``).
+* ``"trainer"``: each experience trained by a ``transformers.Trainer`` (:mod:`.hf_bridge`), with
+  the native loop's loader, optimizer and seeds, so the numbers are the native loop's.
 
 Adapters (``adapter=<registry name>``) run in one of three modes: ``"shared"`` (one adapter
 trained through the whole stream), ``"per_task"`` (one adapter per experience, test experience j
