@@ -5,7 +5,7 @@ keywords or as a validated config dataclass (`AFACDConfig`, ...); `simulate` run
 federation of anarchic workers on a virtual clock. The Flower bridge lives in
 `lifelong.federated.flower` and imports `flwr` only when that module is imported.
 """
-from .adapter import adapter_bytes, federate_adapter
+from .adapter import adapter_bytes, check_adapter_trainable, federate_adapter
 from .afa_cd import AFACD, AFACDConfig
 from .afa_cs import AFACS, AFACSConfig, MemoryConfig
 from .fedavg import FedAvg, FedAvgConfig
@@ -18,6 +18,7 @@ from .partition import IID, ClassesPerWorker, Dirichlet, Partitioner, Shards, la
 from .result import SimulationResult
 from .server import Server, ServerConfig, Update, polynomial_staleness
 from .simulator import simulate
+from .text import ByTask, EncoderTail, TextData, encode_prefix, text_classifier, text_data
 from .worker import LocalTrainer, WorkerCrash, dataset_tensors
 
 __all__ = [
@@ -28,4 +29,6 @@ __all__ = [
     "Bernoulli", "MarkovOnOff", "Periodic", "Trace", "Participation", "label_correlated",
     "FixedSteps", "UniformSteps", "PerWorkerSteps", "TimeBudget", "LocalSteps", "Speed", "Faults",
     "ParamSpec", "trainable_params", "load_params", "nbytes", "adapter_bytes", "federate_adapter",
+    "check_adapter_trainable", "ByTask", "TextData", "text_data", "text_classifier", "EncoderTail",
+    "encode_prefix",
 ]

@@ -32,3 +32,35 @@ def federate_adapter(model: nn.Module, method: str, **options: Any) -> nn.Module
 def adapter_bytes(model: nn.Module) -> int:
     """Bytes one upload carries for ``model``: the size of its trainable (adapter) tensors."""
     return nbytes(trainable_params(model))
+
+
+def _adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that carry adapter tensors: registry ``AdaptedLayer``s and PEFT tuner layers."""
+    import sys
+
+    from ..adapters import AdaptedLayer
+
+    kinds: tuple[type, ...] = (AdaptedLayer,)
+    if "peft" in sys.modules:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        kinds = (*kinds, BaseTunerLayer)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def check_adapter_trainable(model: nn.Module) -> None:
+    """Raise when ``model`` carries adapters none of whose tensors is trainable.
+
+    Federating such a model would only train (and send) whatever else is trainable, e.g. a head,
+    while the adapter stays at its initial value: almost always a mistake (a frozen adapter, a
+    PEFT model loaded for inference).
+    """
+    layers = _adapter_layers(model)
+    if not layers:
+        return
+    trainable = [p for _, layer in layers for name, p in layer.named_parameters()
+                 if "base_layer" not in name.split(".") and p.requires_grad]   # base_layer: the wrapped weights
+    if not trainable:
+        raise ValueError(f"the model carries adapters ({len(layers)} adapted layers, e.g. {layers[0][0]!r}) but "
+                         "none of their tensors is trainable, so federated training would never change them; "
+                         "unfreeze the adapter (requires_grad=True) or pass the model without it")

@@ -12,7 +12,10 @@ division by K). The server then averages all remembered slots::
 Uploads carry ``G = U/K``, so the slot stores ``K·G``. As in FLGo's
 implementation no step is taken until a fraction ``min_fraction`` of the devices
 have a slot, and the average runs over the filled slots. ``η`` multiplies the
-single learning rate of the paper (η = 1 is MIFA as published).
+single learning rate of the paper (η = 1 is MIFA as published). ``cohort_size`` (default
+None: every available device, as published) caps how many of the available devices train in a
+round, drawn uniformly among them, so that MIFA can be compared at the same number of uploads
+per step as the buffered methods.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import fraction
+from ._checks import fraction, optional, positive_int
 from .afa_cs import MemoryConfig, MemoryServer
 from .server import Update
 
@@ -34,6 +37,7 @@ class MIFAConfig(MemoryConfig):
 
     max_staleness: int | None = 0
     min_fraction: float = 1.0
+    cohort_size: int | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -42,6 +46,13 @@ class MIFAConfig(MemoryConfig):
         if wrong:
             raise ValueError(f"MIFA fixes {fixed}; got {wrong}")
         fraction("min_fraction", self.min_fraction)
+        optional(positive_int, "cohort_size", self.cohort_size)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out["cohort_size"] is None:   # the published rule: configs (and fingerprints) as before
+            del out["cohort_size"]
+        return out
 
 
 class MIFA(MemoryServer):
@@ -54,9 +65,9 @@ class MIFA(MemoryServer):
     Config = MIFAConfig
 
     def __init__(self, *, local_lr: float = 0.05, server_lr: float = 1.0, min_fraction: float = 1.0,
-                 resync_every: int = 100):
+                 resync_every: int = 100, cohort_size: int | None = None):
         super().__init__(MIFAConfig(local_lr=local_lr, server_lr=server_lr, min_fraction=min_fraction,
-                                    resync_every=resync_every))
+                                    resync_every=resync_every, cohort_size=cohort_size))
 
     def _slot_value(self, update: Update, g: torch.Tensor) -> torch.Tensor:
         return update.local_steps * g

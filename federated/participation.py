@@ -225,9 +225,21 @@ class Trace(Participation):
                                              for w, spans in self.windows.items()}}
 
 
-def label_correlated(labels: np.ndarray, parts: Sequence[np.ndarray], beta: float = 0.1) -> np.ndarray:
-    """MIFA/FLGo availability ``p_i = β·minlabel_i/(C−1) + (1−β)``: arrivals correlated with data."""
+def label_correlated(labels: np.ndarray, parts: Sequence[np.ndarray], beta: float = 0.1,
+                     by: str = "min") -> np.ndarray:
+    """MIFA/FLGo availability ``p_i = β·label_i/(C−1) + (1−β)``: arrivals correlated with data.
+
+    ``by="min"`` uses the smallest label worker i holds (MIFA's rule, Gu et al. 2021);
+    ``by="dominant"`` its most frequent label, which keeps the skew when most workers hold a
+    few samples of every class (a Dirichlet split with α ≳ 1 gives nearly every worker a
+    class-0 sample, and the min rule then makes participation almost uniform).
+    """
     fraction("beta", beta)
+    if by not in ("min", "dominant"):
+        raise ValueError(f"by must be 'min' or 'dominant', got {by!r}")
     num_classes = int(labels.max()) + 1
-    min_label = np.array([labels[p].min() for p in parts], dtype=float)
-    return beta * min_label / max(num_classes - 1, 1) + (1 - beta)
+    if by == "min":
+        label = np.array([labels[p].min() for p in parts], dtype=float)
+    else:
+        label = np.array([np.bincount(labels[p], minlength=num_classes).argmax() for p in parts], dtype=float)
+    return beta * label / max(num_classes - 1, 1) + (1 - beta)

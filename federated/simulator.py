@@ -41,7 +41,8 @@ from .participation import Bernoulli, Participation
 from .partition import IID, Partitioner, label_histograms
 from .result import SimulationResult, load_checkpoint, save_checkpoint
 from .server import Server, Update
-from .worker import LocalTrainer, WorkerCrash, dataset_tensors
+from .adapter import check_adapter_trainable
+from .worker import LocalTrainer, WorkerCrash, dataset_tensors, forward, num_samples, take
 
 _JOB_SEED, _COHORT = 31, 32
 _START, _ARRIVE = 0, 1
@@ -233,6 +234,54 @@ def _labels_of(labels: torch.Tensor) -> np.ndarray:
     return labels.cpu().numpy()
 
 
+def _check_parts(parts: list[np.ndarray], num_workers: int, partition: Partitioner, n: int) -> None:
+    """Every worker must hold data: name the empty ones before any work is done."""
+    if len(parts) != num_workers:
+        raise ValueError(f"{partition.describe()['kind']} returned {len(parts)} parts for {num_workers} workers")
+    empty = [w for w, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        names = ", ".join(map(str, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise ValueError(f"the partition {partition.describe()['kind']} leaves worker(s) {names} of "
+                         f"{num_workers} with no data; every worker needs at least one sample (raise the "
+                         "Dirichlet alpha or min_size, or use fewer workers)")
+    bad = [w for w, p in enumerate(parts) if len(p) and (int(np.min(p)) < 0 or int(np.max(p)) >= n)]
+    if bad:
+        raise ValueError(f"the partition gives worker {bad[0]} sample indices outside 0..{n - 1}")
+
+
+def _check_head(model: nn.Module, inputs, labels: torch.Tensor, test_y: torch.Tensor,
+                first: np.ndarray) -> None:
+    """One forward pass before the first step: the model must score every class of the data."""
+    num_classes = int(max(int(labels.max()), int(test_y.max()))) + 1
+    if int(min(int(labels.min()), int(test_y.min()))) < 0:
+        raise ValueError("labels must be class ids >= 0")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = forward(model, take(inputs, torch.from_numpy(np.asarray(first[:2]))))
+    finally:
+        model.train(was_training)
+    if out.dim() != 2 or out.shape[1] < num_classes:
+        raise ValueError(f"the model's head does not fit the label space: it returns scores of shape "
+                         f"{tuple(out.shape)} for a batch, but the labels name {num_classes} classes "
+                         f"(0..{num_classes - 1}); give it a head with {num_classes} outputs")
+
+
+def _groups_of(eval_groups, test_y: torch.Tensor) -> np.ndarray | None:
+    if eval_groups is None:
+        return None
+    if isinstance(eval_groups, str):
+        if eval_groups != "labels":
+            raise ValueError(f"eval_groups must be None, 'labels' or one group id per test sample, got {eval_groups!r}")
+        return test_y.cpu().numpy()
+    groups = np.asarray(eval_groups)
+    if groups.shape != (len(test_y),) or not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(f"eval_groups needs one integer group id per test sample ({len(test_y)}), "
+                         f"got shape {groups.shape} and dtype {groups.dtype}")
+    return groups
+
+
 def simulate(
     model: nn.Module,
     train_data: Dataset,
@@ -256,6 +305,8 @@ def simulate(
     max_time: float | None = None,
     record_arrivals: bool = False,
     progress: bool = True,
+    eval_groups: str | np.ndarray | list[int] | None = None,
+    eval_batch_size: int = 1024,
 ) -> SimulationResult:
     """Run ``steps`` server steps of ``algorithm`` with ``num_workers`` anarchic workers.
 
@@ -264,10 +315,19 @@ def simulate(
     and ends holding the final global parameters. ``checkpoint`` names a file that is
     written every ``checkpoint_every`` server steps (default: ``eval_every``) and
     resumed from when it exists and matches this configuration.
+
+    Inputs may be tensors, the packed ``(N, 2, L)`` token tensors of a text stream
+    (`lifelong.federated.text.text_data`) or dicts of tensors (tokenized Hugging Face
+    batches); the model must return class scores (a tensor or an output with ``.logits``).
+    Before any work the run checks that every worker holds data, that the model's head
+    scores every class of the labels, and that an adapter on the model has trainable
+    tensors. ``eval_groups`` (``"labels"``, or a group id per test sample such as its
+    task) adds the accuracy of each group to every evaluation (``group_accuracy``).
     """
     positive_int("num_workers", num_workers)
     non_negative_int("steps", steps)
     positive_int("eval_every", eval_every)
+    positive_int("eval_batch_size", eval_batch_size)
     optional(positive_int, "max_concurrent", max_concurrent)
     optional(positive_int, "checkpoint_every", checkpoint_every)
     participation = participation if participation is not None else Bernoulli(1.0)
@@ -276,14 +336,20 @@ def simulate(
 
     inputs, labels = dataset_tensors(train_data)
     label_array = _labels_of(labels)
+    if num_samples(inputs) != len(label_array):
+        raise ValueError(f"the dataset has {num_samples(inputs)} inputs but {len(label_array)} labels")
     parts = partition.split(label_array, num_workers, seed)
+    _check_parts(parts, num_workers, partition, len(label_array))
     test_x, test_y = dataset_tensors(test_data) if test_data is not None else (inputs, labels)
+    groups = _groups_of(eval_groups, test_y)
     participation.bind(num_workers, seed)
     local_steps.bind(num_workers, seed, speed.bind(num_workers, seed))
     if faults is not None:
         faults.bind(num_workers, seed)
 
     x0 = trainable_params(model)
+    check_adapter_trainable(model)
+    _check_head(model, inputs, labels, test_y, parts[0])
     server = algorithm.init(x0, num_workers)
     trainer = LocalTrainer(model, inputs, labels, batch_size=batch_size, loss_fn=loss_fn)
     fed = _Federation(server, trainer, parts, participation=participation, local_steps=local_steps,
@@ -299,16 +365,23 @@ def simulate(
         "params": server.spec.describe(), "params_digest": tensor_digest(x0),
         "data": {"train": len(label_array), "labels_digest": digest(label_array.tobytes()),
                  "test": len(test_y)},
+        "eval_groups": None if groups is None else digest(groups.astype(np.int64).tobytes()),
     }
     fingerprint = config_fingerprint(config)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     every = checkpoint_every or eval_every
 
     def evaluate() -> None:
-        acc, loss = trainer.evaluate(server.params, test_x, test_y)
-        fed.history.append({"step": server.version, "time": fed.time, **fed.counters,
-                            "updates_received": server.stats["received"],
-                            "accuracy": acc, "loss": loss})
+        hits, loss = trainer.predict(server.params, test_x, test_y, eval_batch_size)
+        entry = {"step": server.version, "time": fed.time, **fed.counters,
+                 "updates_received": server.stats["received"],
+                 "updates_accepted": server.stats["accepted"],
+                 "rejected": sum(server.stats["rejected"].values()),
+                 "accuracy": float(hits.float().mean()), "loss": loss}
+        if groups is not None:
+            h = hits.cpu().numpy()
+            entry["group_accuracy"] = {str(int(g)): float(h[groups == g].mean()) for g in np.unique(groups)}
+        fed.history.append(entry)
 
     state = _read_checkpoint(ckpt) if ckpt is not None and ckpt.exists() else None
     if state is not None:

@@ -14,10 +14,15 @@ worker is only its data indices and a random seed, so a federation of 1,000
 workers needs one model copy, not 1,000. Before every job the trainer restores
 the trainable parameters to ``x_s`` and every buffer to its initial value, so a
 job depends only on (x_s, data, seed) and never on the job that ran before.
+
+Inputs are one tensor (features, or the packed ``(N, 2, L)`` token ids and masks of
+`lifelong.continual.TextStream.to_benchmark`) or a dict of tensors (Hugging Face tokenized
+batches: ``input_ids``, ``attention_mask``, ...), which the model receives as keywords. The model's
+output is a logits tensor or a ``ModelOutput`` with ``.logits``.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 import torch
@@ -29,14 +34,87 @@ from ._checks import positive_int
 from .params import Params
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Inputs = Union[torch.Tensor, dict[str, torch.Tensor]]
+_LABEL_KEYS = ("labels", "label")
+_MASK = "attention_mask"
+
+
+def num_samples(inputs: Inputs) -> int:
+    if isinstance(inputs, Mapping):
+        return len(next(iter(inputs.values())))
+    return len(inputs)
+
+
+def take(inputs: Inputs, index: torch.Tensor | slice) -> Inputs:
+    """Rows ``index`` of a tensor or of every tensor of a dict; dict batches with an attention mask
+    are cut to their longest sequence (padding only costs time)."""
+    if not isinstance(inputs, Mapping):
+        return inputs[index]
+    out = {k: v[index] for k, v in inputs.items()}
+    mask = out.get(_MASK)
+    if mask is not None and mask.dim() == 2 and len(mask):
+        width = max(int(mask.sum(1).max()), 1)
+        full = mask.shape[1]
+        out = {k: v[:, :width] if v.dim() >= 2 and v.shape[1] == full else v for k, v in out.items()}
+    return out
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The class scores of a model output: a tensor, or a ``ModelOutput``'s ``logits``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"the model returned {type(output).__name__} without logits; federated training needs "
+                    "class scores of shape (batch, classes): give the model a classification head "
+                    "(e.g. lifelong.continual.text_model.TextClassifier around a bare encoder)")
+
+
+def forward(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    return logits_of(out)
+
+
+def _pad_stack(values: list[Any], key: str) -> torch.Tensor:
+    tensors = [torch.as_tensor(v) for v in values]
+    if len({tuple(t.shape) for t in tensors}) == 1:
+        return torch.stack(tensors)
+    if any(t.dim() != 1 for t in tensors):
+        raise ValueError(f"dict samples: {key!r} has shapes that differ beyond the sequence length")
+    out = torch.zeros(len(tensors), max(len(t) for t in tensors), dtype=tensors[0].dtype)
+    for i, t in enumerate(tensors):
+        out[i, :len(t)] = t
+    return out
+
+
+def _dict_samples(items: list[Mapping]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Tokenized dict samples (one dict per sample, with a ``label``/``labels`` entry), right-padded."""
+    key = next((k for k in _LABEL_KEYS if k in items[0]), None)
+    if key is None:
+        raise ValueError(f"dict samples need a 'label' or 'labels' entry, got keys {sorted(items[0])}")
+    names = [k for k in items[0] if k not in _LABEL_KEYS]
+    for i, item in enumerate(items):
+        if set(item) != set(items[0]):
+            raise ValueError(f"sample {i} has keys {sorted(item)}, sample 0 has {sorted(items[0])}")
+    inputs = {k: _pad_stack([it[k] for it in items], k) for k in names}
+    if _MASK not in inputs and "input_ids" in inputs:
+        inputs[_MASK] = _pad_stack([torch.ones(len(torch.as_tensor(it["input_ids"])), dtype=torch.long)
+                                    for it in items], _MASK)
+    return inputs, torch.as_tensor([int(it[key]) for it in items])
 
 
 class WorkerCrash(RuntimeError):
     """Raised inside a job to simulate a worker that dies mid-update."""
 
 
-def dataset_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """All inputs and labels of a map-style dataset of ``(x, y)`` pairs as two tensors."""
+def dataset_tensors(dataset: Dataset) -> tuple[Inputs, torch.Tensor]:
+    """All inputs and labels of a map-style dataset as ``(inputs, labels)``.
+
+    Samples are ``(x, y)`` pairs (``x`` a tensor or a dict of tensors) or tokenized dicts with a
+    ``label``/``labels`` entry (a Hugging Face ``datasets.Dataset`` after ``set_format("torch")``);
+    variable-length token sequences are right-padded with 0 and get an attention mask.
+    """
     if isinstance(dataset, TensorDataset):
         if len(dataset.tensors) != 2:
             raise ValueError(f"expected a TensorDataset of (inputs, labels), got "
@@ -48,14 +126,17 @@ def dataset_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("the dataset must be map-style (define __len__ and __getitem__)") from exc
     if n == 0:
         raise ValueError("the dataset is empty")
-    xs, ys = default_collate([dataset[i] for i in range(n)])
+    items = [dataset[i] for i in range(n)]
+    if isinstance(items[0], Mapping):
+        return _dict_samples(items)
+    xs, ys = default_collate(items)
     return xs, torch.as_tensor(ys)
 
 
 class LocalTrainer:
     """Runs jobs of any worker on one shared model instance."""
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
+    def __init__(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor, *,
                  batch_size: int = 32, loss_fn: LossFn = F.cross_entropy):
         positive_int("batch_size", batch_size)
         self.model = model
@@ -106,7 +187,7 @@ class LocalTrainer:
     def _sgd_step(self, indices: np.ndarray, rng: np.random.Generator, lr: float) -> float:
         # a minibatch drawn without replacement from the worker's own samples
         batch = torch.from_numpy(indices[rng.permutation(len(indices))[:self.batch_size]])
-        loss = self.loss_fn(self.model(self.inputs[batch]), self.labels[batch])
+        loss = self.loss_fn(forward(self.model, take(self.inputs, batch)), self.labels[batch])
         params = [p for _, p in self.trainable]
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
@@ -115,15 +196,22 @@ class LocalTrainer:
         return float(loss.detach())
 
     @torch.no_grad()
-    def evaluate(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor,
+    def evaluate(self, params: Mapping[str, torch.Tensor], inputs: Inputs,
                  labels: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
         """(accuracy, mean loss) of the model with ``params`` on a labelled set."""
+        correct, loss = self.predict(params, inputs, labels, batch_size)
+        return float(correct.float().mean()), loss
+
+    @torch.no_grad()
+    def predict(self, params: Mapping[str, torch.Tensor], inputs: Inputs, labels: torch.Tensor,
+                batch_size: int = 1024) -> tuple[torch.Tensor, float]:
+        """(per-sample correctness, mean loss) of the model with ``params`` on a labelled set."""
         self.load(params)
         self.model.eval()
-        correct, loss = 0, 0.0
+        hits, loss = [], 0.0
         for start in range(0, len(labels), batch_size):
-            out = self.model(inputs[start:start + batch_size])
+            out = forward(self.model, take(inputs, slice(start, start + batch_size)))
             y = labels[start:start + batch_size]
             loss += float(self.loss_fn(out, y)) * len(y)
-            correct += int((out.argmax(dim=-1) == y).sum())
-        return correct / len(labels), loss / len(labels)
+            hits.append(out.argmax(dim=-1) == y)
+        return torch.cat(hits), loss / len(labels)
