@@ -2,10 +2,16 @@
 
 Part 1 (accuracy): softmax regression and a small MLP, 100 workers, Dirichlet α ∈ {0.1, 1.0},
 (per-worker label mix, Hsu et al. 2019), skewed label-correlated participation (p_i = β·minlabel_i/9 + 1 − β, β = 0.9), worker-chosen
-local steps K ~ U{1..10}, log-normal speeds (σ = 0.5, staleness emerges), 3 seeds. Every
-algorithm consumes about 10 uploads per server step (FedAvg cohort 10, FedBuff K_b = 10,
-AFA-CD m = 10, AFA-CS min_new = 10; MIFA uses every available worker per round).
-Prints a table of final accuracy (mean ± std) and writes accuracy-vs-steps plots.
+local steps K ~ U{1..10}, log-normal speeds (σ = 0.5, staleness emerges), 3 seeds, 300 server
+steps. Every algorithm consumes about 10 uploads per server step (FedAvg cohort 10, FedBuff
+K_b = 10, AFA-CD m = 10, AFA-CS min_new = 10, "MIFA 10/round" 10 of the available devices)
+except "MIFA", which uses every available worker per round as published (≈ 3.5× the uploads);
+the tables therefore also give accuracy at equal numbers of uploads. A reference row runs
+AFA-CD under uniform participation (every p_i = the mean of the skewed ones). Per-class test
+accuracy gives the participation bias: the gap between classes 5–9 and 0–4 (workers holding
+low digits take part rarely) minus that gap under uniform arrivals. Each (row, α, seed) result is
+cached as JSON under ``--out``, so a rerun only computes what is missing; ``--jobs`` runs cells
+in parallel processes.
 
 Part 2 (throughput): 1,000 workers × 100 server steps of softmax regression with AFA-CD in
 the in-process simulator, then the same federation on Flower's simulation engine (Ray,
@@ -29,7 +35,7 @@ from torch.utils.data import TensorDataset
 
 import lifelong.federated as fl
 
-ALGORITHMS = ("FedAvg", "FedBuff", "MIFA", "AFA-CD", "AFA-CS")
+ALGORITHMS = ("FedAvg", "FedBuff", "MIFA", "MIFA 10/round", "AFA-CD", "AFA-CS", "AFA-CD uniform")
 
 
 def digits() -> tuple[TensorDataset, TensorDataset]:
@@ -56,37 +62,93 @@ def make_algorithm(name: str, local_lr: float) -> fl.Server:
         return fl.FedBuff(local_lr=local_lr, server_lr=1.0, buffer_size=10)
     if name == "MIFA":
         return fl.MIFA(local_lr=local_lr, server_lr=1.0, min_fraction=0.0)
-    if name == "AFA-CD":
+    if name == "MIFA 10/round":
+        return fl.MIFA(local_lr=local_lr, server_lr=1.0, min_fraction=0.0, cohort_size=10)
+    if name.startswith("AFA-CD"):
         return fl.AFACD(local_lr=local_lr, server_lr=eta, buffer_size=10)
     return fl.AFACS(local_lr=local_lr, server_lr=eta, min_new=10)
 
 
-def accuracy_part(args, train, test) -> list[dict]:
+def run_cell(model_kind: str, alpha: float, name: str, seed: int, steps: int) -> dict:
+    torch.set_num_threads(1)
+    train, test = digits()
     labels = train.tensors[1].numpy()
+    partition = fl.Dirichlet(alpha, over="workers")
+    parts = partition.split(labels, 100, seed)
+    p = fl.label_correlated(labels, parts, beta=0.9)
+    if name.endswith("uniform"):
+        p = np.full_like(p, p.mean())
+    server = make_algorithm(name, 0.1)
+    t0 = time.perf_counter()
+    res = fl.simulate(
+        make_model(model_kind), train, server, num_workers=100, steps=steps, test_data=test,
+        partition=partition, participation=fl.Bernoulli(p), local_steps=fl.UniformSteps(1, 10),
+        speed=fl.Speed(sigma=0.5), max_concurrent=20, eval_every=10, eval_groups="labels", seed=seed,
+        progress=False)
+    memory = {}
+    if hasattr(server, "memory_version"):
+        ages = [server.version - v for v in server.memory_version.values()]
+        memory = {"slots_filled": len(ages), "slot_age_mean": float(np.mean(ages))}
+    return {"final_accuracy": res.final_accuracy, "history": res.history, "seconds": time.perf_counter() - t0,
+            "dropped_stale": res.dropped_stale, "memory": memory}
+
+
+def _cell(task):
+    return run_cell(*task)
+
+
+def accuracy_part(args, out: Path) -> list[dict]:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    cells = out / "cells"
+    cells.mkdir(parents=True, exist_ok=True)
+    tasks, results = [], {}
+    for model_kind in ("logreg", "mlp"):
+        for alpha in (0.1, 1.0):
+            for name in ALGORITHMS:
+                for seed in range(args.seeds):
+                    path = cells / f"{model_kind}_{alpha}_{name.replace(' ', '_').replace('/', '-')}_{seed}_{args.steps}.json"
+                    key = (model_kind, alpha, name, seed)
+                    if path.exists():
+                        results[key] = json.loads(path.read_text())
+                    else:
+                        tasks.append((path, key))
+    print(f"  {len(results)} cached cells, {len(tasks)} to run", flush=True)
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [(pool.submit(_cell, (*key, args.steps)), path, key) for path, key in tasks]
+        for fut, path, key in futures:
+            results[key] = fut.result()
+            path.write_text(json.dumps(results[key]))
     rows = []
     for model_kind in ("logreg", "mlp"):
         for alpha in (0.1, 1.0):
             for name in ALGORITHMS:
-                finals, curves = [], []
-                for seed in range(args.seeds):
-                    parts = fl.Dirichlet(alpha, over="workers").split(labels, 100, seed)
-                    p = fl.label_correlated(labels, parts, beta=0.9)
-                    res = fl.simulate(
-                        make_model(model_kind), train, make_algorithm(name, 0.1),
-                        num_workers=100, steps=args.steps, test_data=test,
-                        partition=fl.Dirichlet(alpha, over="workers"), participation=fl.Bernoulli(p),
-                        local_steps=fl.UniformSteps(1, 10), speed=fl.Speed(sigma=0.5),
-                        max_concurrent=20, eval_every=max(1, args.steps // 10), seed=seed,
-                        progress=False)
-                    finals.append(res.final_accuracy)
-                    curves.append([(h["step"], h["accuracy"]) for h in res.history])
+                runs = [results[(model_kind, alpha, name, s)] for s in range(args.seeds)]
+                finals = [r["final_accuracy"] for r in runs]
                 row = {"model": model_kind, "alpha": alpha, "algorithm": name,
                        "acc_mean": float(np.mean(finals)), "acc_std": float(np.std(finals)),
-                       "curves": curves}
+                       "curves": [[(h["step"], h["accuracy"]) for h in r["history"]] for r in runs],
+                       "runs": runs}
                 rows.append(row)
-                print(f"  {model_kind:6s} α={alpha:<4} {name:8s} {row['acc_mean']:.3f} ± "
+                print(f"  {model_kind:6s} α={alpha:<4} {name:14s} {row['acc_mean']:.3f} ± "
                       f"{row['acc_std']:.3f}", flush=True)
     return rows
+
+
+def at_uploads(history: list[dict], uploads: int) -> float:
+    """Accuracy at the last evaluation that had received at most ``uploads`` uploads."""
+    acc = float("nan")
+    for h in history:
+        if h["updates_received"] <= uploads:
+            acc = h["accuracy"]
+    return acc
+
+
+def class_gap(run: dict) -> float:
+    """Mean accuracy on digits 5–9 minus on digits 0–4 at the end."""
+    g = run["history"][-1]["group_accuracy"]
+    return float(np.mean([g[str(c)] for c in range(5, 10)]) - np.mean([g[str(c)] for c in range(5)]))
 
 
 def throughput_inprocess(train, test, steps: int) -> tuple[float, fl.SimulationResult]:
@@ -144,14 +206,15 @@ def plot(rows: list[dict], path: Path) -> None:
         for r in rows:
             if (r["model"], r["alpha"]) != (model, alpha):
                 continue
-            steps = [s for s, _ in r["curves"][0]]
-            acc = np.mean([[a for _, a in c] for c in r["curves"]], axis=0)
-            ax.plot(steps, acc, label=r["algorithm"])
+            n = min(len(c) for c in r["curves"])
+            steps = [s for s, _ in r["curves"][0][:n]]
+            acc = np.mean([[a for _, a in c[:n]] for c in r["curves"]], axis=0)
+            ax.plot(steps, acc, "--" if r["algorithm"].endswith("uniform") else "-", label=r["algorithm"])
         ax.set_title(f"{model}, Dirichlet α={alpha}")
         ax.set_xlabel("server steps")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -160,7 +223,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/federated_anarchic")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="20 steps, 1 seed, short Flower run")
     parser.add_argument("--skip-accuracy", action="store_true")
@@ -169,29 +233,58 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.seeds, args.flower_budget = 20, 1, 60.0
+        args.out = args.out + "_quick"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    train, test = digits()
     report = ["# Anarchic FL benchmark (digits)", ""]
 
     if not args.skip_accuracy:
         print("accuracy: 100 workers, skewed participation, K ~ U{1..10}", flush=True)
-        rows = accuracy_part(args, train, test)
+        rows = accuracy_part(args, out)
         plot(rows, out / "accuracy_vs_steps.png")
-        report += [f"Final test accuracy after {args.steps} server steps, mean ± std over "
-                   f"{args.seeds} seeds (360 test digits).", "",
+        budget = 10 * args.steps // 2
+        report += [f"Test accuracy after {args.steps} server steps, mean ± std over {args.seeds} seeds "
+                   f"(360 test digits); the second table at equal numbers of uploads received "
+                   f"({budget:,} and {2 * budget:,}).", "",
                    "| model | Dirichlet α | " + " | ".join(ALGORITHMS) + " |",
                    "|---|---|" + "---|" * len(ALGORITHMS)]
-        for model in ("logreg", "mlp"):
-            for alpha in (0.1, 1.0):
-                cells = [next(f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}" for r in rows
-                              if (r["model"], r["alpha"], r["algorithm"]) == (model, alpha, a))
+        pick = {(r["model"], r["alpha"], r["algorithm"]): r for r in rows}
+        combos = [(m, a) for m in ("logreg", "mlp") for a in (0.1, 1.0)]
+        for model, alpha in combos:
+            cells = [f"{pick[(model, alpha, a)]['acc_mean']:.3f} ± {pick[(model, alpha, a)]['acc_std']:.3f}"
+                     for a in ALGORITHMS]
+            report.append(f"| {model} | {alpha} | " + " | ".join(cells) + " |")
+        report += ["", "| model | Dirichlet α | uploads | " + " | ".join(ALGORITHMS) + " |",
+                   "|---|---|---|" + "---|" * len(ALGORITHMS)]
+        for model, alpha in combos:
+            for u in (budget, 2 * budget):
+                cells = [f"{np.mean([at_uploads(r['history'], u) for r in pick[(model, alpha, a)]['runs']]):.3f}"
                          for a in ALGORITHMS]
-                report.append(f"| {model} | {alpha} | " + " | ".join(cells) + " |")
+                report.append(f"| {model} | {alpha} | {u:,} | " + " | ".join(cells) + " |")
+        report += ["", "Participation bias: accuracy on digits 5–9 minus on digits 0–4 at the end, minus the "
+                   "same gap of AFA-CD under uniform arrivals (0 = no bias; mean over seeds). Memory servers: "
+                   "slots filled / mean slot age in server steps.", "",
+                   "| model | Dirichlet α | " + " | ".join(ALGORITHMS) + " |",
+                   "|---|---|" + "---|" * len(ALGORITHMS)]
+        for model, alpha in combos:
+            ref = np.mean([class_gap(r) for r in pick[(model, alpha, "AFA-CD uniform")]["runs"]])
+            cells = []
+            for a in ALGORITHMS:
+                runs = pick[(model, alpha, a)]["runs"]
+                cell = f"{np.mean([class_gap(r) for r in runs]) - ref:+.3f}"
+                mems = [r["memory"] for r in runs if r.get("memory")]
+                if mems:
+                    cell += (f" ({np.mean([m['slots_filled'] for m in mems]):.0f} / "
+                             f"{np.mean([m['slot_age_mean'] for m in mems]):.0f})")
+                cells.append(cell)
+            report.append(f"| {model} | {alpha} | " + " | ".join(cells) + " |")
+        for r in rows:
+            r.pop("runs")
         (out / "accuracy.json").write_text(json.dumps(rows))
         report.append("")
 
+    train, test = digits()
     print("throughput: 1,000 workers × 100 server steps, AFA-CD, softmax regression", flush=True)
     seconds, res = throughput_inprocess(train, test, 100)
     jobs = sum(res.jobs_started)
