@@ -4,7 +4,7 @@ from flwr.clientapp import ClientApp
 
 from lifelong.federated.flower import FlowerWorker
 
-from .task import data_fn, model_fn
+from .task import task
 
 app = ClientApp()
 _workers: dict[tuple, FlowerWorker] = {}
@@ -13,7 +13,9 @@ _workers: dict[tuple, FlowerWorker] = {}
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = context.run_config
-    key = (float(cfg["participation"]), int(cfg["seed"]))
-    if key not in _workers:   # one per process; it caches each partition's model and data
-        _workers[key] = FlowerWorker(model_fn, data_fn, participation=key[0], seed=key[1])
+    key = tuple(sorted((k, str(v)) for k, v in cfg.items()))
+    if key not in _workers:   # one per process and run config; it caches each partition's model and data
+        model_fn, data_fn, _ = task(cfg)
+        _workers[key] = FlowerWorker(model_fn, data_fn, participation=float(cfg["participation"]),
+                                     seed=int(cfg["seed"]), batch_size=int(cfg.get("batch-size", 32)))
     return _workers[key](msg, context)

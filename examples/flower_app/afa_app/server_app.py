@@ -7,7 +7,7 @@ from flwr.serverapp import Grid, ServerApp
 import lifelong.federated as fl
 from lifelong.federated.flower import AFAStrategy, params_to_record, record_to_params, run_async
 
-from .task import model_fn, test_set
+from .task import task
 
 app = ServerApp()
 
@@ -22,16 +22,19 @@ def _server(cfg: dict) -> fl.Server:
     raise ValueError(f"algorithm must be 'afa_cd' or 'afa_cs', got {cfg['algorithm']!r}")
 
 
-def _accuracy(params) -> float:
-    x, y = test_set()
-    return fl.LocalTrainer(model_fn(), x, y).evaluate(params, x, y)[0]
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
     steps, server = int(cfg["num-server-steps"]), _server(cfg)
-    x0 = fl.trainable_params(model_fn())
+    model_fn, _, test_fn = task(cfg)
+    model = model_fn()
+    x0 = fl.trainable_params(model)
+    x_test, y_test = test_fn()
+    evaluator = fl.LocalTrainer(model, x_test, y_test)
+
+    def _accuracy(params) -> float:
+        return evaluator.evaluate(params, x_test, y_test)[0]
+
     num_workers = len(list(grid.get_node_ids()))
     if cfg["mode"] == "round":
         strategy = AFAStrategy(server, num_workers=num_workers,
@@ -51,4 +54,7 @@ def main(grid: Grid, context: Context) -> None:
                         eval_every=int(cfg["eval-every"]), min_nodes=num_workers)
         summary = {"mode": "async", **out, "accuracy": _accuracy(server.params)}
     summary["algorithm"] = cfg["algorithm"]
+    summary["task"] = str(cfg.get("task", "agnews"))
+    summary["upload-bytes"] = fl.nbytes(x0)
+    summary["nodes"] = num_workers
     print("AFA-RESULT " + json.dumps(summary, default=str))
