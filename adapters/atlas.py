@@ -66,7 +66,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .base import AdaptedLayer, Adapter, SavedModule
+from .base import Adapter
+from .layers import SavedModule, unwrap
 from .config import AdapterConfig, one_of, positive_int
 from .registry import register
 from .targeting import iter_layers, original_layer
@@ -251,7 +252,7 @@ def _original_parameters(model: nn.Module, buffers: bool = False) -> Iterable[tu
     """Parameters (or buffers) under their names in the unadapted model, adapter internals excluded."""
     for name, module in iter_layers(model):
         recurse = isinstance(module, SavedModule)
-        module = original_layer(module.base_layer) if isinstance(module, AdaptedLayer) else module
+        module = original_layer(unwrap(module))
         module = module.original if isinstance(module, SavedModule) else module
         tensors = module.named_buffers(recurse=recurse) if buffers else module.named_parameters(recurse=recurse)
         for key, t in tensors:
@@ -263,15 +264,15 @@ def _leaf_parameters(model: nn.Module) -> dict[str, Tensor]:
     return {
         f"{n}.{k}": p
         for n, m in iter_layers(model)
-        if n and isinstance(_unwrap(m), LeafWithParameters)
-        for k, p in _unwrap(m).named_parameters(recurse=False)
+        if n and isinstance(unwrap(m), LeafWithParameters)
+        for k, p in unwrap(m).named_parameters(recurse=False)
     }
 
 
 def _check_names(model: nn.Module, targets: dict[str, nn.Module], tvs: dict[str, TaskVector]) -> dict[str, Tensor]:
     """Map every task-vector entry to a parameter; raise naming entries that do not fit."""
     params = dict(_original_parameters(model))
-    leaf_owned = {f"{layer}.{k}" for layer, m in targets.items() for k, _ in _unwrap(m).named_parameters(recurse=False)}
+    leaf_owned = {f"{layer}.{k}" for layer, m in targets.items() for k, _ in unwrap(m).named_parameters(recurse=False)}
     all_leaf = set(_leaf_parameters(model))
     buffers = dict(_original_parameters(model, buffers=True))
     for tv_name, tv in tvs.items():
@@ -292,10 +293,6 @@ def _check_names(model: nn.Module, targets: dict[str, nn.Module], tvs: dict[str,
         if shapes:
             raise ValueError(f"task vector {tv_name!r} does not match the model's shapes: {shapes[:5]}")
     return {k: params[k] for k in leaf_owned}
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
 def _stack_layer(
@@ -473,7 +470,7 @@ class AtlasAdapter(Adapter):
             shared = nn.Parameter(torch.full((len(tvs),), float(config.coef_init), device=ref.device, dtype=ref.dtype))
         contexts = {}
         for layer in layers:
-            base = _unwrap(targets[layer])
+            base = unwrap(targets[layer])
             attrs = [b.rpartition(".")[2] for b in blocks if b.rpartition(".")[0] == layer]
             contexts[layer] = {"global": shared, "tau": _stack_layer(tvs, f"{layer}.", attrs, base, TV_DTYPES[config.tv_dtype])}
         config.task_vectors = None  # the stacked copies now live in the adapters; drop the dicts

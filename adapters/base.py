@@ -1,24 +1,17 @@
-"""Shared machinery for every adapter method: the per-layer :class:`Adapter` and the
-:class:`AdaptedLayer` that runs a frozen base layer together with its adapters.
-
-A method only writes an ``Adapter`` subclass (its trainable tensors, its forward contribution
-and its merge rule); this module handles composition, merging, disabling and residual bases.
-
-Composition on one layer (PEFT's rule after its per-adapter ``miss_fn`` fix): adapters that
-rewrite the weight (``rewrites_weight``, e.g. Bone "bat") are applied first, in order, to W;
-every other active adapter then maps the layer output ``y -> adapter(x, y)`` in order (additive
-methods add a term, SSF scales and shifts). Merging applies the same order to the weights and
-unmerging undoes it in reverse.
+"""The per-layer :class:`Adapter` every method subclasses: its tensors, its forward
+contribution, its merge rule and the optional hooks (training schedules, LoRA factors).
 
 Residual bases: methods that initialise from the weight (LaMDA's SVD, CorDA, KORE) leave a
 residual ``W_res = W - up @ down`` in the base layer. The factors are kept (and saved) as the
 buffers ``residual_up`` / ``residual_down`` so the original W can always be recovered: a layer
 whose adapter is disabled or inactive adds ``x downᵀ upᵀ`` back and computes the original base.
+
+The modules that carry adapters inside a model (:class:`AdaptedLayer`, :class:`SavedModule`)
+live in :mod:`.layers` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AdapterConfig
+from .layers import AdaptedLayer, SavedModule, unwrap
 from .targeting import default_lora_targets
+
+__all__ = ["RESIDUAL_BUFFERS", "AdaptedLayer", "Adapter", "SavedModule", "full_tensor", "local_tensor", "unwrap"]
 
 RESIDUAL_BUFFERS = ("residual_up", "residual_down")
 
@@ -142,6 +138,21 @@ class Adapter(nn.Module):
         for p in self.parameters():
             p.requires_grad_(trainable)
 
+    def after_backward(self) -> None:
+        """Called after every (micro-batch) backward while this adapter runs (e.g. LaMDA's
+        per-backward freezing rule). Nothing by default."""
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Called after every ``optimizer.step()`` while this adapter runs; ``optimizer`` lets an
+        adapter drop parameters it froze for good. Nothing by default."""
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, float] | None:
+        """``(A, B, s)`` (detached, A of shape (r, in), B of shape (out, r)) with
+        ``delta_weight = s · B @ A`` when this adapter is LoRA-shaped, else None. PEFT export and
+        :meth:`~.model.AdaptedModel.add_weighted_adapter` use it; a residual base, if any, is
+        separate (:attr:`has_residual`)."""
+        return None
+
     # ---- residual bases ----------------------------------------------------------------------
     def set_residual(self, up: Tensor, down: Tensor) -> None:
         """Declare that attaching this adapter replaces W by ``W - up @ down``."""
@@ -171,118 +182,3 @@ class Adapter(nn.Module):
     def residual_output(self, x: Tensor) -> Tensor:
         """``x (up @ down)ᵀ``: what the residual base misses of the original layer output."""
         return F.linear(F.linear(x, self.residual_down.to(x.dtype)), self.residual_up.to(x.dtype))
-
-
-class AdaptedLayer(nn.Module):
-    """A frozen base layer plus named adapters; replaces the base layer inside the model."""
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)  # weight, in_features, ... as the model expects
-
-    def add(self, name: str, adapter: Adapter) -> None:
-        if name in self.adapters:  # replacing it would lose its residual base
-            raise ValueError(f"layer {adapter.layer_name!r} already has an adapter named {name!r}")
-        self.adapters[name] = adapter
-        adapter.attach(self.base_layer)
-
-    def remove(self, name: str) -> None:
-        if name in self.merged:
-            raise RuntimeError(f"adapter {name!r} is merged in layer {self.adapters[name].layer_name!r}; unmerge first")
-        self.adapters[name].detach_from(self.base_layer)
-        del self.adapters[name]
-        self.active = [n for n in self.active if n != name]
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.disabled and self.merged:
-            self.unmerge()
-        running = [] if self.disabled else [n for n in self.active if n not in self.merged]
-        idle = [a for n, a in self.adapters.items() if a.has_residual and (self.disabled or n not in self.active)]
-        if not running:
-            y = self.base_layer(x, *args, **kwargs)
-        elif len(running) == 1 and not self.merged and not idle and not args and not kwargs:
-            y = self.adapters[running[0]].fused_forward(x, self.base_layer)
-            if y is None:
-                y = self._compose(x, running, args, kwargs)
-            return y
-        else:
-            y = self._compose(x, running, args, kwargs)
-        for adapter in idle:
-            y = y + adapter.residual_output(x)
-        return y
-
-    def _compose(self, x: Tensor, running: list[str], args: tuple, kwargs: dict) -> Tensor:
-        adapters = [self.adapters[n] for n in running]
-        rewriters = [a for a in adapters if a.rewrites_weight]
-        if rewriters:
-            weight = self.base_layer.weight
-            for adapter in rewriters:
-                weight = adapter.rewrite_weight(weight)
-            bias = self.base_layer.bias
-            y = F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
-        else:
-            y = self.base_layer(x, *args, **kwargs)
-        for adapter in adapters:
-            if not adapter.rewrites_weight:
-                y = adapter(x, y, self.base_layer)
-        return y
-
-    def merge(self) -> None:
-        """Merge the active adapters in the order the forward applies them: weight rewriters
-        first, then the output-side adapters (merging an additive ΔW before a rewrite would lose
-        it)."""
-        order = [n for n in self.active if self.adapters[n].rewrites_weight]
-        order += [n for n in self.active if not self.adapters[n].rewrites_weight]
-        for name in order:
-            if name not in self.merged:
-                self.adapters[name].merge(self.base_layer)
-                self.merged.append(name)
-
-    def unmerge(self) -> None:
-        while self.merged:
-            self.adapters[self.merged.pop()].unmerge(self.base_layer)
-
-
-class SavedModule(nn.Module):
-    """``modules_to_save``: a frozen original plus one fully trainable copy per adapter."""
-
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        self.original = original
-        self.copies = nn.ModuleDict()
-        self.active: str | None = None
-        self.disabled = False
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "original":
-                raise
-            return getattr(self.original, name)
-
-    def add(self, name: str) -> None:
-        clone = copy.deepcopy(self.original)
-        for p in clone.parameters():
-            p.requires_grad_(True)
-        self.copies[name] = clone
-
-    def current(self) -> nn.Module:
-        if self.disabled or self.active not in self.copies:
-            return self.original
-        return self.copies[self.active]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current()(*args, **kwargs)

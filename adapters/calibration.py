@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..files import atomic_write
 from ..kernels import cov_product
+from .layers import unwrap
 
 NORMALIZATIONS = ("max", "none")
 COV_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -107,7 +108,7 @@ class CovarianceStats:
 
 
 def layer_in_features(module: nn.Module) -> int:
-    layer = getattr(module, "base_layer", module)
+    layer = unwrap(module)
     if isinstance(layer, nn.Linear):
         return layer.in_features
     weight = getattr(layer, "weight", None)

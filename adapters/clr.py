@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdaptedLayer, Adapter, SavedModule
+from .base import Adapter
+from .layers import AdaptedLayer, SavedModule, unwrap
 from .config import AdapterConfig, one_of, positive_int
 from .registry import register
 from .routing import TaskRoutedModel
@@ -108,7 +109,7 @@ class CLRAdapter(Adapter):
 
     @classmethod
     def prepare(cls, model: nn.Module, targets: dict[str, nn.Module], config: CLRConfig) -> dict[str, Any]:
-        layers = {n: m.base_layer if isinstance(m, AdaptedLayer) else m for n, m in targets.items()}
+        layers = {n: unwrap(m) for n, m in targets.items()}
         convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d) and clr_kernel_size(m, config)]
         if not any(isinstance(m, nn.Conv2d) for m in layers.values()):
             raise ValueError(f"CLR reprograms nn.Conv2d layers; none among the targeted modules {sorted(layers)[:10]}")

@@ -39,6 +39,7 @@ from ..kernels import lora_linear
 from .base import Adapter
 from .calibration import COV_DTYPES, CovarianceStats, resolve_statistics
 from .config import AdapterConfig, check_alpha_pattern, lora_scaling, one_of, positive_int
+from .layers import unwrap
 from .registry import register
 from .targeting import resolve_rank
 
@@ -150,7 +151,7 @@ def check_rank(layer_name: str, r: int, weight: Tensor) -> None:
 
 def layer_weight(module: nn.Module) -> Tensor:
     """The layer's original weight: an adapted layer's base plus the residuals its adapters took out."""
-    base = getattr(module, "base_layer", module)
+    base = unwrap(module)
     weight = base.weight.detach()
     adapters = getattr(module, "adapters", {})
     taken = [a for name, a in adapters.items() if a.has_residual and name not in getattr(module, "merged", [])]
@@ -183,6 +184,9 @@ class LowRankResidualAdapter(Adapter):
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, float]:
+        return self.lora_A.detach(), self.lora_B.detach(), float(self.scale)
 
     @staticmethod
     def calibrated_statistics(model: nn.Module, targets: dict[str, nn.Module], config: Any) -> CovarianceStats:

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from ..kernels import lamda_linear
 from .base import Adapter, full_tensor, local_tensor
 from .config import AdapterConfig, check_alpha_pattern, lora_scaling, one_of, positive_int
+from .layers import unwrap
 from .registry import register
 from .targeting import resolve_rank
 
@@ -149,7 +150,7 @@ class LaMDAAdapter(Adapter):
             )
         if not config.adaptive_rank:
             return {}
-        layers = {n: getattr(m, "base_layer", m) for n, m in targets.items()}
+        layers = {n: unwrap(m) for n, m in targets.items()}
         spectra = {n: torch.linalg.svdvals(layer.weight.detach().float()) for n, layer in layers.items()}
         caps = {n: min(layer.weight.shape) for n, layer in layers.items()}
         r_max = config.r_max if config.r_max is not None else 4 * config.r
@@ -212,6 +213,11 @@ class LaMDAAdapter(Adapter):
 
     def delta_weight(self, base: nn.Module) -> Tensor:
         return self.scale * self.effective_B().float() @ self.lora_S.float() @ self.lora_A.float()
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, float]:
+        """S folded into B: ``(A, B·S, s)``; frozen PMB columns of B enter as frozen."""
+        b = self.effective_B().detach().float() @ self.lora_S.detach().float()
+        return self.lora_A.detach(), b.to(self.lora_A.dtype), float(self.scale)
 
     # ---- trainability and the PMB schedule ------------------------------------------------------
     def set_trainable(self, trainable: bool) -> None:

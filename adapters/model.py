@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..files import atomic_write
-from .base import RESIDUAL_BUFFERS, AdaptedLayer, Adapter, SavedModule, full_tensor
+from .base import RESIDUAL_BUFFERS, Adapter, full_tensor
 from .config import AdapterConfig
+from .layers import AdaptedLayer, SavedModule, unwrap
 from .registry import get_method, make_config
 from .signature import plain_class, rebuild, signature_class
 from .targeting import (Conv1DLinear, adaptable, find_targets, in_layers, iter_layers, name_matches, original_layer,
@@ -151,8 +152,7 @@ class AdaptedModel(nn.Module):
         """Make one adapter (or several, composed in order) the running and trainable one(s)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
-            if name not in self.configs:
-                raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.configs)}")
+            check_has_adapter(name, self.configs)
         if any(layer.merged for layer in self.adapted_layers()):
             raise RuntimeError("unmerge() before switching adapters")
         self.active_adapters = names
@@ -189,8 +189,7 @@ class AdaptedModel(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.configs:
-            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.configs)}")
+        check_has_adapter(adapter_name, self.configs)
         for layer in self.adapted_layers():
             if adapter_name in layer.adapters:
                 layer.remove(adapter_name)
@@ -241,17 +240,13 @@ class AdaptedModel(nn.Module):
     def after_backward(self) -> None:
         """Call after every (micro-batch) backward: adapters with per-backward rules apply them."""
         for adapter in self._running_adapters():
-            hook = getattr(adapter, "after_backward", None)
-            if hook is not None:
-                hook()
+            adapter.after_backward()
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call after every ``optimizer.step()``; pass the optimizer so adapters can drop
         parameters they have frozen for good (and free their state)."""
         for adapter in self._running_adapters():
-            hook = getattr(adapter, "after_optimizer_step", None)
-            if hook is not None:
-                hook(optimizer)
+            adapter.after_optimizer_step(optimizer)
 
     def _running_adapters(self) -> Iterator[Adapter]:
         for layer in self.adapted_layers():
@@ -303,8 +298,7 @@ class AdaptedModel(nn.Module):
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:
         """The tensors of one adapter only: ``<layer>.<tensor>`` and ``modules_to_save.<module>.<param>``."""
         adapter_name = adapter_name or self.active_adapter
-        if adapter_name not in self.configs:
-            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.configs)}")
+        check_has_adapter(adapter_name, self.configs)
         state: dict[str, Tensor] = {}
         for layer in self.adapted_layers():
             if adapter_name in layer.adapters:
@@ -330,8 +324,7 @@ class AdaptedModel(nn.Module):
         if is_main_process and root.exists() and not root.is_dir():
             raise NotADirectoryError(f"save_pretrained: {str(root)!r} exists and is not a directory")
         for name in adapter_names or list(self.configs):
-            if name not in self.configs:
-                raise ValueError(f"no adapter named {name!r}; adapters: {sorted(self.configs)}")
+            check_has_adapter(name, self.configs)
             tensors = {k: full_tensor(v).cpu().contiguous().clone() for k, v in self.adapter_state_dict(name).items()}
             if not is_main_process:
                 continue
@@ -434,10 +427,6 @@ class AdaptedModel(nn.Module):
         return saved
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdaptedLayer) else module
-
-
 def check_not_adapted(model: nn.Module) -> None:
     """Refuse a model whose layers already carry lifelong adapters (re-running ``ll.wrap(base, ...)``
     on the same base would overwrite them and lose their residual bases)."""
@@ -470,6 +459,12 @@ def check_adapter_name(name: str, existing: dict[str, Any]) -> None:
             f"the model already has an adapter named {name!r}; pass adapter_name=<another name> "
             f"or delete_adapter({name!r}) first (adapters: {sorted(existing)})"
         )
+
+
+def check_has_adapter(name: str, existing: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the model's adapters when ``name`` is not one of them."""
+    if name not in existing:
+        raise ValueError(f"no adapter named {name!r}; adapters: {sorted(existing)}")
 
 
 def load_tensors(

@@ -29,21 +29,25 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .model import AdaptedModel, atomic_write
+from .base import Adapter
+from .model import AdaptedModel, atomic_write, check_has_adapter
+from .registry import available, get_method
 
 RESIDUAL_FILE = "residual_weights.safetensors"
-EXPORTABLE = ("corda", "kore", "lamda")
 RESIDUAL_MODES = ("convert", "base")
 
 
-def lora_factors(adapter: nn.Module) -> tuple[Tensor, Tensor, float]:
+def lora_shaped_methods() -> list[str]:
+    """The registered methods whose adapters give LoRA factors (:meth:`Adapter.lora_factors`)."""
+    return [m for m in available() if get_method(m).adapter_cls.lora_factors is not Adapter.lora_factors]
+
+
+def lora_factors(adapter: Adapter) -> tuple[Tensor, Tensor, float]:
     """``(A, B, s)`` of one adapter in PEFT's LoRA form."""
-    if adapter.method in ("corda", "kore"):
-        return adapter.lora_A.detach(), adapter.lora_B.detach(), float(adapter.scale)
-    if adapter.method == "lamda":
-        b = adapter.effective_B().detach().float() @ adapter.lora_S.detach().float()
-        return adapter.lora_A.detach(), b.to(adapter.lora_A.dtype), float(adapter.scale)
-    raise ValueError(f"PEFT export supports adapters {list(EXPORTABLE)}, not {adapter.method!r}")
+    factors = adapter.lora_factors()
+    if factors is None:
+        raise ValueError(f"PEFT export supports adapters {lora_shaped_methods()}, not {adapter.method!r}")
+    return factors
 
 
 def original_base_weight(layer: nn.Module, adapter_name: str) -> Tensor:
@@ -73,8 +77,7 @@ def chosen_adapter(model: AdaptedModel, adapter_name: str | None) -> str:
                 "with add_weighted_adapter), or merge them with lifelong's merge_and_unload"
             )
         adapter_name = model.active_adapter
-    if adapter_name not in model.configs:
-        raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(model.configs)}")
+    check_has_adapter(adapter_name, model.configs)
     return adapter_name
 
 
@@ -89,8 +92,8 @@ def export_peft(model: AdaptedModel, directory: str | os.PathLike, adapter_name:
         raise ValueError(f"residual must be one of {list(RESIDUAL_MODES)}, got {residual!r}")
     adapter_name = chosen_adapter(model, adapter_name)
     config = model.configs[adapter_name]
-    if config.method not in EXPORTABLE:
-        raise ValueError(f"PEFT export supports adapters {list(EXPORTABLE)}, not {config.method!r}")
+    if get_method(config.method).adapter_cls.lora_factors is Adapter.lora_factors:
+        raise ValueError(f"PEFT export supports adapters {lora_shaped_methods()}, not {config.method!r}")
     if config.modules_to_save:
         raise ValueError("PEFT export of modules_to_save is not supported; save those modules separately")
     if any(layer.merged for layer in model.adapted_layers()):

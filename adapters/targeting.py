@@ -7,6 +7,8 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
+from .layers import AdaptedLayer, SavedModule, unwrap
+
 ALL_LINEAR = "all-linear"  # nn.Linear and transformers' Conv1D, as PEFT
 ALL_SUPPORTED = "all"  # every module of a type the method supports, except the output head
 # Names PEFT and common models give their output heads; "all-linear" never targets them.
@@ -83,7 +85,6 @@ def name_matches(name: str, pattern: list[str] | str) -> bool:
 def iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` that sees through adapted layers: yields each adapted layer once under
     its original name and never descends into adapter internals."""
-    from .base import AdaptedLayer, SavedModule
 
     def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield prefix, module
@@ -95,12 +96,6 @@ def iter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from walk("", model)
 
 
-def unwrap_layer(module: nn.Module) -> nn.Module:
-    from .base import AdaptedLayer
-
-    return module.base_layer if isinstance(module, AdaptedLayer) else module
-
-
 def output_head_names(model: nn.Module) -> set[str]:
     """The output head(s): HF output embeddings, modules named like heads, else the last Linear."""
     heads: set[str] = set()
@@ -108,7 +103,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     out_emb = get_out() if callable(get_out) else None
     linear_names = []
     for name, module in iter_layers(model):
-        layer = unwrap_layer(module)
+        layer = unwrap(module)
         if out_emb is not None and (module is out_emb or layer is out_emb):
             heads.add(name)
         if isinstance(layer, nn.Linear) or is_conv1d(layer):
@@ -138,7 +133,7 @@ def find_targets(
     for name, module in iter_layers(model):
         if not name:
             continue
-        layer = unwrap_layer(module)
+        layer = unwrap(module)
         if everything:
             wanted = (nn.Linear,) if target_modules == ALL_LINEAR else layer_types
             if adaptable(layer, wanted) is None or name in heads:
@@ -156,7 +151,7 @@ def find_targets(
             )
         found[name] = module
     if not found:
-        leaves = [n for n, m in iter_layers(model) if n and adaptable(unwrap_layer(m), layer_types) is not None]
+        leaves = [n for n, m in iter_layers(model) if n and adaptable(unwrap(m), layer_types) is not None]
         shown = ", ".join(leaves[:40]) + (" ..." if len(leaves) > 40 else "")
         raise ValueError(
             f"target_modules={target_modules!r} matched no module the {method!r} adapter supports; "

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Adapter
+from .layers import AdaptedLayer, unwrap
 from .config import AdapterConfig
 from .registry import register
 from .targeting import iter_layers, resolve_rank, set_submodule
@@ -137,10 +138,10 @@ class WeLoreAdapter(Adapter):
         dtype = torch.float64 if config.svd_dtype == "float64" else torch.float32
         svds = {}
         for name, module in targets.items():
-            weight = getattr(module, "base_layer", module).weight.detach()
+            weight = unwrap(module).weight.detach()
             svds[name] = torch.linalg.svd(weight.to(dtype), full_matrices=False)
         spectra = {name: normalized_spectrum(s) for name, (_, s, _) in svds.items()}
-        shapes = {name: tuple(getattr(m, "base_layer", m).weight.shape) for name, m in targets.items()}
+        shapes = {name: tuple(unwrap(m).weight.shape) for name, m in targets.items()}
         tau = config.threshold if config.threshold is not None else solve_threshold(
             spectra, shapes, config.ratio, config.min_ratio)
         ranks = plan(spectra, shapes, tau, config.min_ratio)
@@ -248,7 +249,6 @@ class LowRankLinear(nn.Module):
 
 def to_low_rank(model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """Unload a WeLore-adapted model into a plain model whose LRCs are :class:`LowRankLinear`."""
-    from .base import AdaptedLayer
 
     if model.configs.get(adapter_name) is None or model.configs[adapter_name].method != "welore":
         raise ValueError(f"adapter {adapter_name!r} is not a WeLore adapter")

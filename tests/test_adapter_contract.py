@@ -196,3 +196,20 @@ def test_second_adapter_switches_cleanly(case: Case) -> None:
 def test_wrapping_twice_with_the_same_name_fails(case: Case) -> None:
     with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         ll.wrap(case.adapted, case.method, **case.options)
+
+
+def test_lora_factors_give_the_delta_weight_or_are_none(case: Case) -> None:
+    """``lora_factors`` is None or ``(A, B, s)`` with ``s·B A`` equal to the merged update; the
+    training hooks exist on every adapter (no-ops unless the method has a schedule)."""
+    case.perturb()
+    for layer in case.adapted.adapted_layers():
+        for adapter in layer.adapters.values():
+            factors = adapter.lora_factors()
+            if factors is not None:
+                a, b, scale = factors
+                assert a.shape[1] == layer.base_layer.in_features and b.shape == (layer.base_layer.out_features, a.shape[0])
+                torch.testing.assert_close(scale * b.float() @ a.float(), adapter.delta_weight(layer.base_layer).float(),
+                                           rtol=1e-5, atol=1e-6)
+            assert callable(adapter.after_backward) and callable(adapter.after_optimizer_step)
+    lora_shaped = {m for m in ll.available() if get_method(m).adapter_cls.lora_factors is not ll.adapters.Adapter.lora_factors}
+    assert lora_shaped == {"corda", "kore", "lamda"}

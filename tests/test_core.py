@@ -328,3 +328,43 @@ def test_alpha_pattern_sets_the_scale_per_layer_and_survives_save(method: str, t
         layer.adapters["default"].scale for layer in m.adapted_layers()]
     with pytest.raises(ValueError, match="alpha_pattern must map"):
         ll.wrap(ll.models.tiny_llama(), method, r=4, alpha_pattern={"v_proj": -1.0}, **extra)
+
+
+def test_adapter_and_kernel_modules_import_without_cycles() -> None:
+    """No module of adapters/ or kernels/ imports (at top level or inside a function) a module
+    that imports it back; the package __init__ files, which import their own modules, aside."""
+    import ast
+    from pathlib import Path
+
+    root = Path(ll.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for pkg in ("adapters", "kernels"):
+        for path in sorted((root / pkg).glob("*.py")):
+            if path.name == "__init__.py":
+                continue
+            deps = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                    deps.add(f"{pkg}.{node.module.split('.')[0]}")
+            graph[f"{pkg}.{path.stem}"] = deps
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        stack.append(module)
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    assert not cycles, f"import cycles: {cycles}"
+    assert "adapters.base" not in graph["adapters.targeting"]
