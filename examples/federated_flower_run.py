@@ -1,6 +1,9 @@
 """Run the AFA Flower app (examples/flower_app) with `flwr run` on Flower's local simulation engine.
 
-    python examples/federated_flower_run.py --mode async --algorithm afa_cs --supernodes 4
+    python examples/federated_flower_run.py --mode async --algorithm afa_cs --supernodes 4 [--task digits]
+
+The default task fine-tunes a LoRA adapter on the pretrained MiniLM over AG News (only the
+adapter and head tensors travel); ``--task digits`` runs softmax regression in seconds.
 
 `flwr run` starts a detached local SuperLink (Ray backend) that outlives the command;
 this script gives Flower its own FLWR_HOME, runs the app inside the
@@ -55,6 +58,7 @@ def main() -> int:
     parser.add_argument("--algorithm", choices=["afa_cd", "afa_cs"], default="afa_cs")
     parser.add_argument("--supernodes", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--task", choices=["agnews", "digits"], default="agnews")
     parser.add_argument("--timeout", type=float, default=900.0)
     args = parser.parse_args()
     flwr = Path(sys.executable).with_name("flwr")
@@ -64,8 +68,8 @@ def main() -> int:
                "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         cmd = [str(flwr), "run", str(APP), "local", "--stream",
                "--federation-config", f"num-supernodes={args.supernodes}",
-               "--run-config", f'mode="{args.mode}" algorithm="{args.algorithm}" '
-                               f"num-server-steps={args.steps}"]
+               "--run-config", f'mode="{args.mode}" algorithm="{args.algorithm}" task="{args.task}" '
+                               f"num-server-steps={args.steps}" + (" local-lr=0.1" if args.task == "digits" else "")]
         print("$", " ".join(cmd), flush=True)
         try:
             proc = subprocess.run(cmd, env=env, timeout=args.timeout)
