@@ -138,43 +138,72 @@ class AtlasConfig(AdapterConfig):
         if self.exclude is not None and not isinstance(self.exclude, (list, tuple)):
             raise ValueError(f"exclude must be a list of task-vector names, got {self.exclude!r}")
         if self.task_vectors is not None:
-            self.task_vectors, files = normalise_task_vectors(self.task_vectors, self.exclude, TV_DTYPES[self.tv_dtype])
-            self.task_vector_names, self.task_vector_files = list(self.task_vectors), files
-            if self.save_task_vectors is None:  # in-memory vectors have no file to refer to
-                self.save_task_vectors = any(f is None for f in files)
+            check_task_vectors(self.task_vectors, self.exclude)
         elif not self.task_vector_names:
             raise ValueError("atlas needs task_vectors=[{param name: θ_i − θ_0}, ...] (see lifelong.adapters.atlas.task_vector)")
 
 
-def normalise_task_vectors(
-    values: Any, exclude: Iterable[str] | None, dtype: torch.dtype
-) -> tuple[dict[str, TaskVector], list[str | None]]:
-    """Named task vectors ``{name: {param: tensor in dtype}}`` with ``exclude`` dropped, and the
-    absolute file each came from (None for one given in memory)."""
+def _named_items(values: Any) -> list[tuple[str, Any]]:
     if isinstance(values, Mapping) and values and all(isinstance(v, Tensor) for v in values.values()):
         raise ValueError("task_vectors must be a list (or a dict name -> task vector), got a single task vector; wrap it in [ ]")
-    items = list(values.items()) if isinstance(values, Mapping) else [(f"tv{i}", v) for i, v in enumerate(values)]
+    if isinstance(values, Mapping):
+        return [(str(name), tv) for name, tv in values.items()]
+    if isinstance(values, (list, tuple)):
+        return [(f"tv{i}", tv) for i, tv in enumerate(values)]
+    raise ValueError(f"task_vectors must be a list (or a dict name -> task vector), got {type(values).__name__}")
+
+
+def _kept_items(values: Any, exclude: Iterable[str] | None) -> list[tuple[str, Any]]:
+    items = _named_items(values)
     dropped = set(exclude or ())
     unknown = sorted(dropped - {name for name, _ in items})
     if unknown:
         raise ValueError(f"exclude names {unknown} are not task vectors; names: {[name for name, _ in items]}")
+    kept = [(name, tv) for name, tv in items if name not in dropped]
+    if not kept:
+        raise ValueError("atlas needs at least one task vector (all were excluded or none given)")
+    return kept
+
+
+def _check_entries(name: str, tv: Any) -> None:
+    if not isinstance(tv, Mapping):
+        raise ValueError(f"task vector {name!r} must be a dict parameter name -> tensor or a safetensors path, got {type(tv).__name__}")
+    bad = [k for k, v in tv.items() if not isinstance(v, Tensor) or not v.is_floating_point()]
+    if bad:
+        raise ValueError(f"task vector {name!r} has non-floating or non-tensor entries {bad[:5]}; build it with task_vector()")
+
+
+def check_task_vectors(values: Any, exclude: Iterable[str] | None) -> None:
+    """Check the ``task_vectors`` option as given (files are not read: :func:`load_task_vectors` does)."""
+    for name, tv in _kept_items(values, exclude):
+        if not isinstance(tv, (str, os.PathLike)):
+            _check_entries(name, tv)
+
+
+def load_task_vectors(
+    values: Any, exclude: Iterable[str] | None, dtype: torch.dtype
+) -> tuple[dict[str, TaskVector], list[str | None]]:
+    """Named task vectors ``{name: {param: tensor in dtype}}`` with ``exclude`` dropped (files
+    read), and the absolute file each came from (None for one given in memory)."""
     out: dict[str, TaskVector] = {}
     files: list[str | None] = []
-    for name, tv in items:
-        if name in dropped:
-            continue
+    for name, tv in _kept_items(values, exclude):
         files.append(str(Path(tv).resolve()) if isinstance(tv, (str, os.PathLike)) else None)
         if isinstance(tv, (str, os.PathLike)):
             tv = load_task_vector(tv)
-        if not isinstance(tv, Mapping):
-            raise ValueError(f"task vector {name!r} must be a dict parameter name -> tensor or a safetensors path, got {type(tv).__name__}")
-        bad = [k for k, v in tv.items() if not isinstance(v, Tensor) or not v.is_floating_point()]
-        if bad:
-            raise ValueError(f"task vector {name!r} has non-floating or non-tensor entries {bad[:5]}; build it with task_vector()")
-        out[str(name)] = {k: v.detach().to(dtype) for k, v in tv.items()}
-    if not out:
-        raise ValueError("atlas needs at least one task vector (all were excluded or none given)")
+        _check_entries(name, tv)
+        out[name] = {k: v.detach().to(dtype) for k, v in tv.items()}
     return out, files
+
+
+def resolve_task_vectors(config: AtlasConfig) -> None:
+    """Read the task vectors the config was given (paths are loaded) and record their names and
+    files in it; ``save_task_vectors=None`` becomes True when one was given in memory (it has no
+    file to refer to). The adapter's prepare step (and :func:`load_atlas`) call this."""
+    config.task_vectors, files = load_task_vectors(config.task_vectors, config.exclude, TV_DTYPES[config.tv_dtype])
+    config.task_vector_names, config.task_vector_files = list(config.task_vectors), files
+    if config.save_task_vectors is None:
+        config.save_task_vectors = any(f is None for f in files)
 
 
 # ---- building task vectors -------------------------------------------------------------------
@@ -449,6 +478,7 @@ class AtlasAdapter(Adapter):
 
     @classmethod
     def prepare(cls, model: nn.Module, targets: dict[str, nn.Module], config: AtlasConfig) -> dict[str, Any]:
+        resolve_task_vectors(config)
         tvs = config.task_vectors
         params = _check_names(model, targets, tvs)
         blocks = sorted(k for k, p in params.items() if any(k in tv for tv in tvs.values()) and _keep(k, p, config.block_filter))
@@ -599,6 +629,8 @@ def load_atlas(model: nn.Module, directory: str | os.PathLike, task_vectors: Any
     if task_vectors is not None:
         values["task_vectors"] = task_vectors
     config = get_method("atlas").config_cls.from_dict(values)
+    if config.task_vectors is not None:
+        resolve_task_vectors(config)
     saved_names = meta["config"]["task_vector_names"]
     if task_vectors is not None and len(config.task_vectors) != len(saved_names):
         raise ValueError(f"checkpoint was trained with {len(saved_names)} task vectors {saved_names}, got {len(config.task_vectors)}")

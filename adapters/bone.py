@@ -49,16 +49,18 @@ class BoneConfig(AdapterConfig):
     dropout: float = 0.0
     init_weights: bool | str | None = None
 
+    def resolve_aliases(self) -> None:
+        """PEFT's ``init_weights`` (False -> ``init="random"``, True / "bat" / "mini" -> ``variant``)."""
+        super().resolve_aliases()
+        if self.init_weights is False:
+            self.init, self.init_weights = "random", None
+        elif isinstance(self.init_weights, (bool, str)) and self.init_weights in PEFT_INIT_WEIGHTS:
+            self.variant, self.init_weights = PEFT_INIT_WEIGHTS[self.init_weights], None
+
     def validate(self) -> None:
         super().validate()
-        if self.init_weights is not None:
-            if self.init_weights is False:
-                self.init = "random"
-            elif self.init_weights in PEFT_INIT_WEIGHTS:
-                self.variant = PEFT_INIT_WEIGHTS[self.init_weights]
-            else:
-                raise ValueError(f"init_weights must be True, False, 'bat' or 'mini', got {self.init_weights!r}")
-            self.init_weights = None
+        if self.init_weights is not None:  # a spelling resolve_aliases does not know
+            raise ValueError(f"init_weights must be True, False, 'bat' or 'mini', got {self.init_weights!r}")
         positive_int("r", self.r)
         positive_int("mini_r", self.mini_r)
         one_of("variant", self.variant, VARIANTS)

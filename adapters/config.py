@@ -44,27 +44,37 @@ class AdapterConfig:
     layers_pattern: list[str] | str | None = None
 
     def __post_init__(self) -> None:
+        self.resolve_aliases()
         self.validate()
 
+    def resolve_aliases(self) -> None:
+        """Turn the other accepted spellings of a setting into its one stored form (a tuple of
+        names into a list, a single layer index into a list, PEFT's option names into ours).
+        Runs once, when the config is made; methods with aliases extend this."""
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.layers_pattern, str):
+            self.layers_pattern = [self.layers_pattern]
+
     def validate(self) -> None:
-        """Raise ``ValueError`` for settings outside their allowed range (methods extend this)."""
+        """Raise ``ValueError`` for settings outside their allowed range (methods extend this).
+        Only checks: it never changes a setting, reads a file or touches a model."""
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
-            if isinstance(value, tuple):
-                setattr(self, name, list(value))
-            elif value is not None and not isinstance(value, (str, list)):
+            if value is not None and not isinstance(value, (str, list, tuple)):
                 raise ValueError(f"{name} must be a list of name suffixes, a regex string or None, got {value!r}")
         layers = self.layers_to_transform
-        if isinstance(layers, int) and not isinstance(layers, bool):
-            self.layers_to_transform = layers = [layers]
         if layers is not None and (not isinstance(layers, (list, tuple)) or not layers
                                    or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)):
             raise ValueError(f"layers_to_transform must be a layer index or a non-empty list of them (ints >= 0), "
                              f"got {layers!r}")
-        if isinstance(self.layers_pattern, str):
-            self.layers_pattern = [self.layers_pattern]
-        if self.layers_pattern is not None and not all(isinstance(p, str) and p for p in self.layers_pattern):
-            raise ValueError(f"layers_pattern must be a module name part or a list of them, got {self.layers_pattern!r}")
+        patterns = self.layers_pattern
+        if patterns is not None and (not isinstance(patterns, (list, tuple))
+                                     or not all(isinstance(p, str) and p for p in patterns)):
+            raise ValueError(f"layers_pattern must be a module name part or a list of them, got {patterns!r}")
         if self.modules_to_save is not None and not isinstance(self.modules_to_save, (list, tuple)):
             raise ValueError(f"modules_to_save must be a list of module-name suffixes, got {self.modules_to_save!r}")
 

@@ -378,3 +378,20 @@ def test_tied_entries_that_differ_are_refused() -> None:
     tv = {"transformer.wte.weight": torch.ones_like(model.transformer.wte.weight), "lm_head.weight": torch.zeros_like(model.lm_head.weight)}
     with pytest.raises(ValueError, match="tied parameters"):
         ll.wrap(model, "atlas", task_vectors=[tv])
+
+
+def test_config_check_reads_no_file(setup, tmp_path):
+    """Making (and validating) the config only checks the option's form; the files are read when
+    the adapter is prepared, which is where a missing one is reported."""
+    base, tvs = setup
+    missing = tmp_path / "absent.safetensors"
+    config = ll.adapters.get_method("atlas").config_cls(task_vectors=[tvs[0], missing])
+    config.validate()
+    assert config.task_vector_names == [] and config.save_task_vectors is None
+    assert config.task_vectors[1] == missing
+    with pytest.raises(FileNotFoundError, match="no task vector file"):
+        ll.wrap(copy.deepcopy(base), config)
+    with pytest.raises(ValueError, match="single task vector"):
+        ll.adapters.get_method("atlas").config_cls(task_vectors=tvs[0])
+    with pytest.raises(ValueError, match="exclude names"):
+        ll.adapters.get_method("atlas").config_cls(task_vectors=tvs, exclude=["nope"])

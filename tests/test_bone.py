@@ -116,6 +116,15 @@ def test_peft_init_weights_alias() -> None:
         ll.adapters.BoneConfig(init_weights="pissa")
 
 
+def test_validate_only_checks_the_alias() -> None:
+    """The PEFT alias is resolved when the config is made; ``validate`` never rewrites it later."""
+    config = ll.adapters.BoneConfig(r=4)
+    config.init_weights = False
+    with pytest.raises(ValueError, match="init_weights must be"):
+        config.validate()
+    assert config.init == "zeros" and config.init_weights is False
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"r": 0}, "r must be a positive integer"),
     ({"r": 16}, "larger than in_features=9"),

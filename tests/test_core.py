@@ -368,3 +368,25 @@ def test_adapter_and_kernel_modules_import_without_cycles() -> None:
             visit(module)
     assert not cycles, f"import cycles: {cycles}"
     assert "adapters.base" not in graph["adapters.targeting"]
+
+
+@pytest.mark.parametrize("method", ll.available())
+def test_validate_never_changes_a_config(method) -> None:
+    """``validate`` only checks: calling it again leaves every field as it was, and accepted
+    spellings (a tuple of names, one layer index, one pattern) are resolved once, when the config
+    is made."""
+    from lifelong.adapters.atlas import task_vector
+
+    cls = ll.adapters.get_method(method).config_cls
+    options = {"target_modules": ("fc1", "fc2"), "layers_to_transform": 1, "layers_pattern": "layers"}
+    if method == "atlas":
+        options["task_vectors"] = [task_vector(MLP(), MLP())]
+    config = cls(**options)
+    assert config.target_modules == ["fc1", "fc2"] and config.layers_to_transform == [1]
+    assert config.layers_pattern == ["layers"]
+    before = {k: v for k, v in vars(config).items() if k != "task_vectors"}
+    config.validate()
+    assert {k: v for k, v in vars(config).items() if k != "task_vectors"} == before
+    config.layers_to_transform = 1  # the stored form is a list; validate does not convert
+    with pytest.raises(ValueError, match="layers_to_transform must be"):
+        config.validate()
