@@ -2,7 +2,10 @@
 
 Servers work on dicts of trainable tensors (only those travel) and take their settings as
 keywords or as a validated config dataclass (`AFACDConfig`, ...); `simulate` runs a
-federation of anarchic workers on a virtual clock. The Flower bridge lives in
+federation of anarchic workers on a virtual clock, on any torch model or a Hugging Face
+transformer with an adapter (`lifelong.federated.text`: tokenized streams, partitions by label or
+by task, the frozen-prefix cache that makes hundreds of MiniLM workers affordable on a CPU). The
+Flower bridge lives in
 `lifelong.federated.flower` and imports `flwr` only when that module is imported.
 """
 from .adapter import adapter_bytes, check_adapter_trainable, federate_adapter

@@ -365,8 +365,9 @@ def simulate(
         "params": server.spec.describe(), "params_digest": tensor_digest(x0),
         "data": {"train": len(label_array), "labels_digest": digest(label_array.tobytes()),
                  "test": len(test_y)},
-        "eval_groups": None if groups is None else digest(groups.astype(np.int64).tobytes()),
     }
+    if groups is not None:   # only then: checkpoints of runs without groups keep their fingerprint
+        config["eval_groups"] = digest(groups.astype(np.int64).tobytes())
     fingerprint = config_fingerprint(config)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     every = checkpoint_every or eval_every

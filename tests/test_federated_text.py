@@ -305,3 +305,21 @@ def test_label_correlated_participation_by_min_or_dominant_label():
                                [0.1 + 0.9 / 3, 1.0, 0.1 + 0.9 * 2 / 3])
     with pytest.raises(ValueError, match="by must be"):
         fl.label_correlated(labels, parts, by="max")
+
+
+def test_text_federation_resumes_bit_identically_from_a_checkpoint(agnews, cached, tmp_path):
+    train_cache, test_cache, enc = cached
+    train, test = DictSet(train_cache, agnews.train.tensors[1]), DictSet(test_cache, agnews.test.tensors[1])
+    kwargs = dict(num_workers=4, test_data=test, local_steps=fl.UniformSteps(1, 2), batch_size=2, eval_every=2,
+                  eval_groups="labels", progress=False)
+    full = fl.simulate(tail_model(enc), train, fl.AFACS(local_lr=0.5, min_new=2), steps=4, **kwargs)
+    ckpt = tmp_path / "fed.pt"
+    fl.simulate(tail_model(enc), train, fl.AFACS(local_lr=0.5, min_new=2), steps=2, checkpoint=ckpt, **kwargs)
+    resumed = fl.simulate(tail_model(enc), train, fl.AFACS(local_lr=0.5, min_new=2), steps=4, checkpoint=ckpt,
+                          **kwargs)
+    assert [h["accuracy"] for h in resumed.history] == [h["accuracy"] for h in full.history]
+    assert set(full.history[-1]["group_accuracy"]) == {"0", "1", "2", "3"}
+    for n in full.final_params:
+        assert torch.equal(full.final_params[n], resumed.final_params[n])
+    with pytest.raises(ValueError, match="one integer group id per test sample"):
+        fl.simulate(tail_model(enc), train, fl.AFACS(), steps=1, **{**kwargs, "eval_groups": [0, 1]})
