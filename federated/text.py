@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,10 +147,9 @@ def text_classifier(backbone: nn.Module, num_classes: int, adapter: str | None =
 
 
 def _encoder(model: nn.Module) -> nn.Module:
-    for attr in ("embeddings", "encoder"):
-        if not hasattr(model, attr) or not hasattr(getattr(model, "encoder", None), "layer"):
-            raise TypeError(f"expected a BERT-family encoder (with .embeddings and .encoder.layer), got "
-                            f"{type(model).__name__}")
+    if not (hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer")):
+        raise TypeError(f"expected a BERT-family encoder (with .embeddings and .encoder.layer), got "
+                        f"{type(model).__name__}")
     return model
 
 
@@ -214,8 +213,3 @@ class EncoderTail(nn.Module):
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         return self.head(pooled)
-
-
-def task_groups(data: TextData) -> Sequence[int]:
-    """Per-test-sample task ids, for ``simulate(eval_groups=...)``."""
-    return [int(t) for t in data.test_tasks]

@@ -323,3 +323,16 @@ def test_text_federation_resumes_bit_identically_from_a_checkpoint(agnews, cache
         assert torch.equal(full.final_params[n], resumed.final_params[n])
     with pytest.raises(ValueError, match="one integer group id per test sample"):
         fl.simulate(tail_model(enc), train, fl.AFACS(), steps=1, **{**kwargs, "eval_groups": [0, 1]})
+
+
+def test_tail_and_prefix_reject_models_and_layers_they_cannot_split(agnews):
+    enc = minilm()
+    with pytest.raises(ValueError, match=r"layer index in 0\.\.5, got 6"):
+        fl.EncoderTail(enc, 6, 4)
+    with pytest.raises(ValueError, match=r"layer index in 0\.\.5, got -1"):
+        fl.encode_prefix(enc, agnews.test.tensors[0], -1)
+    with pytest.raises(TypeError, match="BERT-family encoder"):
+        fl.EncoderTail(torch.nn.Linear(4, 4), 0, 4)
+    tail = fl.EncoderTail(enc, 4, 4)
+    assert len(tail.layer) == 2 and tail.layer[0] is not enc.encoder.layer[4]   # a copy, not shared
+    assert [n for n, p in tail.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
