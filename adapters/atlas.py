@@ -68,7 +68,8 @@ from torch import Tensor, nn
 
 from .base import Adapter
 from .layers import SavedModule, unwrap
-from .config import AdapterConfig, one_of, positive_int
+from ..checks import one_of, positive_int
+from .config import AdapterConfig
 from .registry import register
 from .targeting import iter_layers, original_layer
 

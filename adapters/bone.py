@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..kernels import bat_delta, bone_linear, shard_sum
 from .base import Adapter
-from .config import AdapterConfig, one_of, positive_int
+from ..checks import one_of, positive_int
+from .config import AdapterConfig, check_dropout
 from .registry import register
 from .targeting import resolve_rank
 
@@ -65,8 +66,7 @@ class BoneConfig(AdapterConfig):
         positive_int("mini_r", self.mini_r)
         one_of("variant", self.variant, VARIANTS)
         one_of("init", self.init, ("zeros", "random"))
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout(self.dropout)
 
 
 @register("bone", BoneConfig)

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from .base import Adapter
 from .layers import AdaptedLayer, SavedModule, unwrap
-from .config import AdapterConfig, one_of, positive_int
+from ..checks import non_negative_number, one_of, optional, positive_int
+from .config import AdapterConfig
 from .registry import register
 from .routing import TaskRoutedModel
 from .targeting import iter_layers, output_head_names
@@ -72,10 +73,8 @@ class CLRConfig(AdapterConfig):
         positive_int("kernel_size", self.kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the CLR layer keeps the spatial size), got {self.kernel_size}")
-        if self.num_classes is not None:
-            positive_int("num_classes", self.num_classes)
-        if not self.reg_lambda >= 0:
-            raise ValueError(f"reg_lambda must be >= 0, got {self.reg_lambda!r}")
+        optional(positive_int, "num_classes", self.num_classes)
+        non_negative_number("reg_lambda", self.reg_lambda)
 
 
 def _is_1x1(conv: nn.Conv2d) -> bool:

@@ -12,6 +12,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..checks import non_negative_number, one_of, positive_int, positive_number
+
+__all__ = ["AdapterConfig", "check_alpha_pattern", "check_dropout", "check_fields", "lora_scaling", "one_of",
+           "positive_int"]  # one_of / positive_int: lifelong.checks's, importable from here too
+
 # Fields that describe the data used at init, not the adapter: they are never written to JSON.
 RUNTIME_ONLY_FIELDS = ("calibration", "task_vectors")
 
@@ -107,22 +112,23 @@ def check_fields(cls: type[AdapterConfig], values: dict[str, Any]) -> None:
         )
 
 
-def positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
     """LoRA's ``alpha / r``, or rsLoRA's ``alpha / √r`` (Kalajdzievski, arXiv 2312.03732)."""
     return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def check_alpha_pattern(values: dict[str, float]) -> None:
-    if not isinstance(values, dict) or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0
-                                           for v in values.values()):
-        raise ValueError(f"alpha_pattern must map module names to positive lora_alpha values, got {values!r}")
+    try:
+        if not isinstance(values, dict):
+            raise ValueError
+        for name, value in values.items():
+            positive_number(f"alpha_pattern[{name!r}]", value)
+    except ValueError:
+        raise ValueError(f"alpha_pattern must map module names to positive lora_alpha values, got {values!r}") from None
+
+
+def check_dropout(value: Any, name: str = "dropout") -> None:
+    """A dropout probability: a number in [0, 1)."""
+    non_negative_number(name, value)
+    if not value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from ..kernels import lora_linear
 from .base import Adapter
 from .calibration import COV_DTYPES, CovarianceStats, resolve_statistics
-from .config import AdapterConfig, check_alpha_pattern, lora_scaling, one_of, positive_int
+from ..checks import one_of, positive_int, positive_number
+from .config import AdapterConfig, check_alpha_pattern, check_dropout, lora_scaling
 from .layers import unwrap
 from .registry import register
 from .targeting import resolve_rank
@@ -79,14 +80,13 @@ class CordaConfig(AdapterConfig):
         one_of("mode", self.mode, MODES)
         one_of("cov_dtype", self.cov_dtype, tuple(COV_DTYPES))
         one_of("svd_dtype", self.svd_dtype, tuple(COV_DTYPES))
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
-        if not self.damp_init > 0 or not self.damp_growth > 1 or not self.inv_tol > 0:
-            raise ValueError(
-                f"need damp_init > 0, damp_growth > 1, inv_tol > 0; got {self.damp_init}, {self.damp_growth}, {self.inv_tol}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        positive_number("lora_alpha", self.lora_alpha)
+        positive_number("damp_init", self.damp_init)
+        positive_number("inv_tol", self.inv_tol)
+        positive_number("damp_growth", self.damp_growth)
+        if not self.damp_growth > 1:
+            raise ValueError(f"damp_growth must be > 1, got {self.damp_growth!r}")
+        check_dropout(self.dropout)
 
     @property
     def normalize(self) -> str:

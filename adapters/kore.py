@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from .calibration import COV_DTYPES
-from .config import AdapterConfig, one_of, positive_int
+from ..checks import one_of, positive_int, positive_number
+from .config import AdapterConfig, check_dropout
 from .corda import LowRankResidualAdapter, check_rank, layer_weight
 from .registry import register
 from .targeting import resolve_rank
@@ -69,10 +70,8 @@ class KoreConfig(AdapterConfig):
         one_of("init", self.init, INITS)
         one_of("train", self.train, TRAIN)
         one_of("cov_dtype", self.cov_dtype, tuple(COV_DTYPES))
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.null_tol > 0:
-            raise ValueError(f"null_tol must be positive, got {self.null_tol!r}")
+        check_dropout(self.dropout)
+        positive_number("null_tol", self.null_tol)
         if self.train != "B":
             warnings.warn(
                 f"KORE train={self.train!r}: the down-projection A trains, so updates can leave the null space "

@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 from ..kernels import lamda_linear
 from .base import Adapter, full_tensor, local_tensor
-from .config import AdapterConfig, check_alpha_pattern, lora_scaling, one_of, positive_int
+from ..checks import fraction, one_of, optional, positive_int
+from .config import AdapterConfig, check_alpha_pattern, check_dropout, lora_scaling
 from .layers import unwrap
 from .registry import register
 from .targeting import resolve_rank
@@ -80,14 +81,12 @@ class LaMDAConfig(AdapterConfig):
         one_of("init", self.init, ("svd", "lora"))
         one_of("pmb_schedule", self.pmb_schedule, SCHEDULES)
         one_of("rank_rule", self.rank_rule, RANK_RULES)
-        if not 0.0 < self.pmb_freeze_fraction <= 1.0:
-            raise ValueError(f"pmb_freeze_fraction must be in (0, 1], got {self.pmb_freeze_fraction!r}")
-        if self.total_steps is not None:
-            positive_int("total_steps", self.total_steps)
+        fraction("pmb_freeze_fraction", self.pmb_freeze_fraction, open_low=True)
+        optional(positive_int, "total_steps", self.total_steps)
+        optional(positive_int, "r_max", self.r_max)
         if self.r_max is not None and self.r_max < self.r_min:
             raise ValueError(f"r_max={self.r_max} is below r_min={self.r_min}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout(self.dropout)
 
     def scaling(self, r: int, layer_name: str = "") -> float:
         """The layer's LoRA scale, with ``alpha_pattern`` overriding ``lora_alpha`` per layer (PEFT's)."""

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from ..kernels import ssf_linear
 from .base import Adapter
-from .config import AdapterConfig, one_of
+from ..checks import non_negative_number, one_of
+from .config import AdapterConfig
 from .registry import register
 from .targeting import ALL_SUPPORTED, find_targets
 
@@ -50,8 +51,7 @@ class SSFConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         one_of("init", self.init, ("normal", "identity"))
-        if not self.init_std >= 0:
-            raise ValueError(f"init_std must be >= 0, got {self.init_std!r}")
+        non_negative_number("init_std", self.init_std)
 
 
 def is_rms_norm(module: nn.Module) -> bool:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .base import Adapter
 from .layers import AdaptedLayer, unwrap
+from ..checks import fraction, one_of, optional
 from .config import AdapterConfig
 from .registry import register
 from .targeting import iter_layers, resolve_rank, set_submodule
@@ -56,12 +57,10 @@ class WeLoreConfig(AdapterConfig):
         super().validate()
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
             raise ValueError(f"WeLore ratio must be a fraction of parameters to remove in (0, 1), got {self.ratio!r}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold (tau) must be in [0, 1], got {self.threshold!r}")
+        optional(fraction, "threshold (tau)", self.threshold)
         if self.min_ratio is not None and not 0.0 <= self.min_ratio < 1.0:
             raise ValueError(f"min_ratio must be None or in [0, 1), got {self.min_ratio!r}")
-        if self.svd_dtype not in ("float32", "float64"):
-            raise ValueError(f"svd_dtype must be 'float32' or 'float64', got {self.svd_dtype!r}")
+        one_of("svd_dtype", self.svd_dtype, ("float32", "float64"))
 
 
 def normalized_spectrum(sigma: Tensor) -> Tensor:

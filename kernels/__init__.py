@@ -5,6 +5,10 @@ backends chosen per call (``backend="auto" | "torch" | "composite" | "triton"``,
 :mod:`lifelong.kernels.dispatch`): plain torch on the CPU, cuBLAS composites or fused Triton
 kernels on CUDA, and the Triton kernels under ``TRITON_INTERPRET=1`` for tests. Adapters call only
 the names exported here; :mod:`lifelong.kernels.reference` keeps the plain autograd oracles.
+
+Imports from outside this folder are absolute (``lifelong.checks``): with the repository root on
+``sys.path`` (``python -m pytest`` run there), transformers' check for the Hugging Face ``kernels``
+package imports this folder as a top-level ``kernels``, where a ``..`` import would fail.
 """
 
 from .bone import bone_linear

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lifelong.checks import positive_int  # absolute: see kernels/__init__.py
 from . import dispatch
 from .common import (apply_dropout, as_grad, autocast_cast, autocast_dtype, base_needs_grad, check_dropout, check_linear,
                      check_shape, dropout_mask, flatten_input, outside_autocast)
@@ -80,8 +81,9 @@ def bone_linear(
     if variant not in VARIANTS:
         raise ValueError(f"{op}: variant must be one of {VARIANTS}, got {variant!r}")
     out_f, in_f = check_linear(op, x, weight, bias)
-    if not isinstance(r, int) or not 1 <= r <= in_f:
-        raise ValueError(f"{op}: r must be an int in [1, in={in_f}], got {r!r}")
+    positive_int(f"{op}: r", r)
+    if r > in_f:
+        raise ValueError(f"{op}: r must be <= in_features={in_f}, got {r!r}")
     p = check_dropout(op, dropout_p)
     if variant == "bat":
         return _bat_linear(op, x, weight, bias, block, r, p)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lifelong.checks import non_negative_int, positive_int  # absolute: see kernels/__init__.py
 from . import dispatch
 
 NORMALIZE = ("tokens", "calls", None)
@@ -25,12 +26,10 @@ class CovState:
 
     def __init__(self, d: int, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  track_mean: bool = False, min_tokens: int = 2048, backend: str | None = None):
-        if not isinstance(d, int) or d < 1:
-            raise ValueError(f"CovState: d must be a positive int, got {d!r}")
+        positive_int("CovState: d", d)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"CovState: dtype must be torch.float32 or torch.float64, got {dtype}")
-        if min_tokens < 0:
-            raise ValueError(f"CovState: min_tokens must be >= 0, got {min_tokens}")
+        non_negative_int("CovState: min_tokens", min_tokens)
         self.d, self.min_tokens, self.backend = d, int(min_tokens), dispatch.check_backend(backend or "auto")
         self.C = torch.zeros(d, d, device=device, dtype=dtype)
         self.tokens = torch.zeros((), device=device, dtype=torch.int64)

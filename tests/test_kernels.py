@@ -384,3 +384,19 @@ def test_lora_linear_matches_peft_lora_layer() -> None:
     for backend in ("torch", "composite"):
         y = K.lora_linear(x, base.weight, base.bias, lora_a, lora_b, layer.scaling["default"], backend=backend)
         assert torch.allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_argument_checks_use_the_shared_wording() -> None:
+    from lifelong.kernels.covariance import CovState
+
+    with pytest.raises(ValueError, match=r"CovState: d must be a positive integer, got 3\.0"):
+        CovState(3.0)
+    with pytest.raises(ValueError, match=r"CovState: d must be a positive integer, got True"):
+        CovState(True)
+    with pytest.raises(ValueError, match=r"CovState: min_tokens must be an integer >= 0, got -1"):
+        CovState(4, min_tokens=-1)
+    t = make(6, 8, 5, 4)
+    with pytest.raises(ValueError, match=r"bone_linear: r must be a positive integer, got 0"):
+        K.bone_linear(t["x"], t["w"], None, t["d"], r=0)
+    with pytest.raises(ValueError, match=r"bone_linear: r must be <= in_features=8, got 9"):
+        K.bone_linear(t["x"], t["w"], None, t["d"], r=9)
