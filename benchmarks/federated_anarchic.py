@@ -6,6 +6,8 @@ local steps K ~ U{1..10}, log-normal speeds (σ = 0.5, staleness emerges), 3 see
 steps. Every algorithm consumes about 10 uploads per server step (FedAvg cohort 10, FedBuff
 K_b = 10, AFA-CD m = 10, AFA-CS min_new = 10, "MIFA 10/round" 10 of the available devices)
 except "MIFA", which uses every available worker per round as published (≈ 3.5× the uploads);
+"AFA-CS warm" fills every memory slot at x_0 before the first step (``cs_init="warm_start"``)
+and "AFA-CS warm τ∞" also accepts every upload however stale (no delay bound);
 the tables therefore also give accuracy at equal numbers of uploads. A reference row runs
 AFA-CD under uniform participation (every p_i = the mean of the skewed ones). Per-class test
 accuracy gives the participation bias: the gap between classes 5–9 and 0–4 (workers holding
@@ -35,7 +37,8 @@ from torch.utils.data import TensorDataset
 
 import lifelong.federated as fl
 
-ALGORITHMS = ("FedAvg", "FedBuff", "MIFA", "MIFA 10/round", "AFA-CD", "AFA-CS", "AFA-CD uniform")
+ALGORITHMS = ("FedAvg", "FedBuff", "MIFA", "MIFA 10/round", "AFA-CD", "AFA-CS", "AFA-CS warm", "AFA-CS warm τ∞",
+              "AFA-CD uniform")
 
 
 def digits() -> tuple[TensorDataset, TensorDataset]:
@@ -66,6 +69,10 @@ def make_algorithm(name: str, local_lr: float) -> fl.Server:
         return fl.MIFA(local_lr=local_lr, server_lr=1.0, min_fraction=0.0, cohort_size=10)
     if name.startswith("AFA-CD"):
         return fl.AFACD(local_lr=local_lr, server_lr=eta, buffer_size=10)
+    if name == "AFA-CS warm":   # every slot filled at x_0 before the first step
+        return fl.AFACS(local_lr=local_lr, server_lr=eta, min_new=10, cs_init="warm_start")
+    if name == "AFA-CS warm τ∞":   # and no delay bound: no upload is ever dropped
+        return fl.AFACS(local_lr=local_lr, server_lr=eta, min_new=10, cs_init="warm_start", max_staleness=None)
     return fl.AFACS(local_lr=local_lr, server_lr=eta, min_new=10)
 
 
@@ -108,7 +115,8 @@ def accuracy_part(args, out: Path) -> list[dict]:
         for alpha in (0.1, 1.0):
             for name in ALGORITHMS:
                 for seed in range(args.seeds):
-                    path = cells / f"{model_kind}_{alpha}_{name.replace(' ', '_').replace('/', '-')}_{seed}_{args.steps}.json"
+                    safe = name.replace(" ", "_").replace("/", "-").replace("τ∞", "tau-inf")
+                    path = cells / f"{model_kind}_{alpha}_{safe}_{seed}_{args.steps}.json"
                     key = (model_kind, alpha, name, seed)
                     if path.exists():
                         results[key] = json.loads(path.read_text())
