@@ -18,7 +18,9 @@ Setting (every number below is a command-line option):
   MIFA cohort 5 of the available devices, AFA-CD m = 5, AFA-CS min_new = 5), so server steps
   and uploads are proportional; AFA η = 2 (= mean K, AFA-CD then matches FedAvg's step length).
   A reference row runs AFA-CD under *uniform* participation (every p_i = the mean of the skewed
-  ones), the arrival process under which AFA-CD is unbiased.
+  ones), the arrival process under which AFA-CD is unbiased. A fault row runs AFA-CS with 30% of
+  the workers faulty (each job of a faulty worker crashes, or uploads NaN or inf adapter tensors)
+  at α = 0.1 for ``--fault-seeds`` seeds, and counts the rejected uploads.
 
 Each (row, α, seed) result is cached as JSON under ``--out``; a rerun only computes what is
 missing. Prints the tables and writes ``results.md`` and a plot into ``--out``.
@@ -38,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 ROWS = ("FedAvg", "FedBuff", "MIFA", "AFA-CD", "AFA-CS", "AFA-CD uniform")
+FAULT_ROW = "AFA-CS 30% faulty"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cl_benchmark"
 CLASSES = ("World", "Sports", "Business", "Sci/Tech")
 
@@ -126,13 +129,17 @@ def run_cell(task: tuple) -> dict:
     for q in model.base_model.model.head.parameters():
         q.requires_grad_(True)
     server = algorithm(row, args)
+    faults = fl.Faults(0.3, kinds=("crash", "nan", "inf")) if row == FAULT_ROW else None
     t0 = time.perf_counter()
     res = fl.simulate(model, _dataset(cache["train"], cache["y_train"]), server, num_workers=args.workers,
                       steps=args.steps, test_data=_dataset(cache["test"], cache["y_test"]), partition=partition,
                       participation=fl.Bernoulli(p), local_steps=fl.UniformSteps(1, args.k_max),
                       speed=fl.Speed(sigma=0.5), max_concurrent=20, batch_size=args.batch_size,
-                      eval_every=args.eval_every, eval_groups="labels", seed=seed, progress=False)
+                      eval_every=args.eval_every, eval_groups="labels", seed=seed, faults=faults,
+                      progress=False)
     out_row = summarise(res, server, p, parts, labels, time.perf_counter() - t0)
+    out_row["crashed"] = res.crashed
+    out_row["finite"] = all(bool(torch.isfinite(t).all()) for t in res.final_params.values())
     out_row["upload_bytes"] = fl.adapter_bytes(model)
     return out_row
 
@@ -267,6 +274,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--beta", type=float, default=0.9)
+    parser.add_argument("--fault-seeds", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="10 steps, 1 seed, α = 0.1 (a smoke run)")
     args = parser.parse_args()
     if args.quick:
@@ -293,6 +301,13 @@ def main() -> None:
                     results[("text", row, alpha, seed)] = json.loads(path.read_text())
                 else:
                     todo.append((path, ("text", row, alpha, seed, vars(args), str(out))))
+    for seed in range(args.fault_seeds):
+        alpha = args.alphas[0]
+        path = out / "cells" / f"text_faults_{alpha}_{seed}_{tag}.json"
+        if path.exists():
+            results[("text", FAULT_ROW, alpha, seed)] = json.loads(path.read_text())
+        else:
+            todo.append((path, ("text", FAULT_ROW, alpha, seed, vars(args), str(out))))
     print(f"{len(results)} cached cells, {len(todo)} to run on {args.jobs} processes", flush=True)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
@@ -307,6 +322,15 @@ def main() -> None:
             print(f"  {task[1]:15s} α={task[2]:<4} seed={task[3]} acc={row['final_accuracy']:.3f} "
                   f"({row['seconds']:.0f} s, {time.perf_counter() - t0:.0f} s elapsed)", flush=True)
     lines = tables(results, args)
+    faulty = [(k, v) for k, v in results.items() if k[1] == FAULT_ROW]
+    if faulty:
+        lines += ["", f"{FAULT_ROW} (α = {args.alphas[0]}; 30% of workers faulty, each of their jobs crashes or "
+                  "uploads NaN / inf adapter tensors):", "",
+                  "| seed | acc @ end | uploads received | rejected (non-finite) | crashed jobs | global adapter finite |",
+                  "|---|---|---|---|---|---|"]
+        for (_, _, _, seed), v in sorted(faulty):
+            lines.append(f"| {seed} | {v['final_accuracy']:.3f} | {v['history'][-1]['updates_received']} | "
+                         f"{sum(v['rejected'].values())} | {v['crashed']} | {v['finite']} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     plot(results, args, out / "accuracy.png")
