@@ -153,6 +153,14 @@ class Adapter(nn.Module):
         separate (:attr:`has_residual`)."""
         return None
 
+    @torch.no_grad()
+    def set_lora_factors(self, a: Tensor, b: Tensor) -> None:
+        """Set this (freshly built, rank ``a.shape[0]``) adapter's tensors so that
+        ``delta_weight = b @ a`` (any scale folded into ``b``): how
+        :meth:`~.model.AdaptedModel.add_weighted_adapter` fills the adapter it makes. Only
+        LoRA-shaped methods implement it."""
+        raise TypeError(f"adapter {self.method!r} is not LoRA-shaped; it cannot be set from LoRA factors")
+
     # ---- residual bases ----------------------------------------------------------------------
     def set_residual(self, up: Tensor, down: Tensor) -> None:
         """Declare that attaching this adapter replaces W by ``W - up @ down``."""

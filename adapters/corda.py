@@ -188,6 +188,11 @@ class LowRankResidualAdapter(Adapter):
     def lora_factors(self) -> tuple[Tensor, Tensor, float]:
         return self.lora_A.detach(), self.lora_B.detach(), float(self.scale)
 
+    @torch.no_grad()
+    def set_lora_factors(self, a: Tensor, b: Tensor) -> None:
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b.float() / self.scale)
+
     @staticmethod
     def calibrated_statistics(model: nn.Module, targets: dict[str, nn.Module], config: Any) -> CovarianceStats:
         """Check every layer's rank, then calibrate (or reuse given statistics): both happen

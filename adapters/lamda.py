@@ -218,6 +218,15 @@ class LaMDAAdapter(Adapter):
         b = self.effective_B().detach().float() @ self.lora_S.detach().float()
         return self.lora_A.detach(), b.to(self.lora_A.dtype), float(self.scale)
 
+    @torch.no_grad()
+    def set_lora_factors(self, a: Tensor, b: Tensor) -> None:
+        """``A = a``, ``S = I / s``, ``B = b``: no column of B frozen yet."""
+        self.lora_A.copy_(a)
+        self.lora_S.copy_(torch.eye(self.r, device=self.lora_S.device) / self.scale)
+        self.lora_B.copy_(b)
+        self.frozen_columns.fill_(False)
+        self.B_frozen.zero_()
+
     # ---- trainability and the PMB schedule ------------------------------------------------------
     def set_trainable(self, trainable: bool) -> None:
         self.lora_S.requires_grad_(trainable)

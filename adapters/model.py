@@ -9,7 +9,10 @@ adapter's tensors (and its ``modules_to_save`` copies) train.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,9 +23,10 @@ from torch import Tensor, nn
 
 from ..files import atomic_write
 from .base import RESIDUAL_BUFFERS, Adapter, full_tensor
-from .config import AdapterConfig
+from ..checks import one_of
+from .config import RUNTIME_ONLY_FIELDS, AdapterConfig
 from .layers import AdaptedLayer, SavedModule, unwrap
-from .registry import get_method, make_config
+from .registry import get_method, lora_shaped_methods, make_config
 from .signature import plain_class, rebuild, signature_class
 from .targeting import (Conv1DLinear, adaptable, find_targets, in_layers, iter_layers, name_matches, original_layer,
                         set_submodule)
@@ -31,6 +35,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 SAVED_PREFIX = "modules_to_save."
 FORMAT_VERSION = 1
+COMBINATIONS = ("linear", "cat")
 
 
 class AdaptedModel(nn.Module):
@@ -198,6 +203,83 @@ class AdaptedModel(nn.Module):
                 del module.copies[adapter_name]
         del self.configs[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    @torch.no_grad()
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear") -> None:
+        """Add ``adapter_name``, a weighted combination of LoRA-shaped adapters (PEFT's LoRA
+        ``add_weighted_adapter``). With ``ΔW_i = s_i B_i A_i`` the update of adapter i on a layer:
+
+        - ``"cat"``: ``A = [w_1 s_1 A_1; w_2 s_2 A_2; ...]``, ``B = [B_1, B_2, ...]`` (rank Σ r_i), so
+          the new update is exactly ``Σ w_i ΔW_i``;
+        - ``"linear"`` (equal ranks on each layer): ``A = Σ sign(w_i)·√|w_i s_i| A_i`` and
+          ``B = Σ √|w_i s_i| B_i``, as PEFT; not ``Σ w_i ΔW_i`` in general (cross terms), but
+          exact for one adapter, which PEFT (and this) always combines with "linear".
+
+        The new adapter is of the first adapter's method (its config with the new per-layer ranks
+        in ``rank_pattern``), inactive, and saves and loads like any other. Adapters that leave a
+        residual base (CorDA, KORE, LaMDA's SVD init) can only be combined where all of them left
+        the same residual on a layer: the new adapter then keeps that residual, so that
+        ``w = [1]`` reproduces the adapter. A layer that only some adapters cover gets the update
+        of those. ``modules_to_save`` are not combined."""
+        one_of("combination_type", combination_type, COMBINATIONS)
+        adapters, weights = list(adapters), list(weights)
+        if not adapters or len(weights) != len(adapters):
+            raise ValueError(f"add_weighted_adapter needs one weight per adapter, got adapters {adapters} and "
+                             f"weights {weights}")
+        for name in adapters:
+            check_has_adapter(name, self.configs)
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"weights must be finite numbers, got {weights!r}")
+        check_adapter_name(adapter_name, self.configs)
+        methods = {name: self.configs[name].method for name in adapters}
+        shaped = lora_shaped_methods()
+        other = {n: m for n, m in methods.items() if m not in shaped}
+        if other:
+            raise ValueError(f"add_weighted_adapter combines LoRA-shaped adapters (methods {shaped}); "
+                             f"{other} are not")
+        saving = [n for n in adapters if self.configs[n].modules_to_save]
+        if saving:
+            raise ValueError(f"adapters {saving} have modules_to_save; add_weighted_adapter does not combine them")
+        if any(layer.merged for layer in self.adapted_layers()):
+            raise RuntimeError("unmerge() before add_weighted_adapter")
+        if len(adapters) == 1:
+            combination_type = "linear"  # PEFT's rule; exact for one adapter
+        plan: dict[str, tuple[AdaptedLayer, Tensor, Tensor, Adapter | None]] = {}
+        for layer in self.adapted_layers():
+            present = [(n, layer.adapters[n], w) for n, w in zip(adapters, weights) if n in layer.adapters]
+            if not present:
+                continue
+            name = present[0][1].layer_name
+            plan[name] = (layer, *combine_lora(name, present, combination_type), residual_source(name, present))
+        first = self.configs[adapters[0]]
+        changes: dict[str, Any] = {
+            "r": max(a.shape[0] for _, a, _, _ in plan.values()),
+            "rank_pattern": {name: a.shape[0] for name, (_, a, _, _) in plan.items()},
+            "target_modules": sorted(plan), "exclude_modules": None, "layers_to_transform": None,
+            "layers_pattern": None, "modules_to_save": None,
+        }
+        fields = {f.name for f in dataclasses.fields(first)}
+        changes.update({f: None for f in RUNTIME_ONLY_FIELDS if f in fields})
+        if "alpha_pattern" in fields:
+            changes["alpha_pattern"] = {}
+        config = first.replace(**changes)
+        spec = get_method(config.method)
+        built = {name: spec.adapter_cls(layer.base_layer, config, name, None, False)
+                 for name, (layer, _, _, _) in plan.items()}
+        fixed = rebuilt_from_config(self.base_model)
+        for name, adapter in built.items():
+            _, a, b, source = plan[name]
+            adapter.set_lora_factors(a, b)
+            if source is not None:
+                adapter.set_residual(source.residual_up, source.residual_down)
+            adapter.fixed_architecture = fixed
+        spec.adapter_cls.link(built)
+        for name, adapter in built.items():
+            plan[name][0].add(adapter_name, adapter)
+        self.configs[adapter_name] = config
+        self._refresh_trainable()
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -459,6 +541,48 @@ def check_adapter_name(name: str, existing: dict[str, Any]) -> None:
             f"the model already has an adapter named {name!r}; pass adapter_name=<another name> "
             f"or delete_adapter({name!r}) first (adapters: {sorted(existing)})"
         )
+
+
+def combine_lora(layer_name: str, present: list[tuple[str, Adapter, float]], combination_type: str) -> tuple[Tensor, Tensor]:
+    """The combined ``(A, B)`` (scale folded in, fp32) of the adapters on one layer (see
+    :meth:`AdaptedModel.add_weighted_adapter`)."""
+    factors = [(n, *adapter.lora_factors(), w) for n, adapter, w in present]
+    if combination_type == "cat":
+        a = torch.cat([w * s * a.float() for _, a, _, s, w in factors], dim=0)
+        b = torch.cat([b.float() for _, _, b, _, _ in factors], dim=1)
+        return a, b
+    ranks = {n: a.shape[0] for n, a, _, _, _ in factors}
+    if len(set(ranks.values())) > 1:
+        raise ValueError(f"combination_type='linear' needs adapters of equal rank on each layer; on {layer_name!r} "
+                         f"the ranks are {ranks}: use combination_type='cat'")
+    a = sum(math.copysign(math.sqrt(abs(w * s)), w * s) * a.float() for _, a, _, s, w in factors)
+    b = sum(math.sqrt(abs(w * s)) * b.float() for _, _, b, s, w in factors)
+    return a, b
+
+
+def residual_source(layer_name: str, present: list[tuple[str, Adapter, float]]) -> Adapter | None:
+    """The adapter whose residual base the combination keeps on one layer (None: no residual);
+    refuses adapters that left different residuals (the combination would have no single base)."""
+    with_residual = [(n, a) for n, a, _ in present if a.has_residual]
+    if not with_residual:
+        return None
+    without = [n for n, a, _ in present if not a.has_residual]
+    if without:
+        raise ValueError(
+            f"cannot combine on {layer_name!r}: adapters {[n for n, _ in with_residual]} left a residual base "
+            f"W - R in the layer and {without} did not; their updates are relative to different base weights"
+        )
+    first_name, first = with_residual[0]
+    ref = first.residual_weight(torch.float32)
+    tol = 1e-5 * max(1.0, float(ref.abs().max()))
+    differ = [n for n, a in with_residual[1:] if not torch.allclose(a.residual_weight(torch.float32), ref, rtol=0, atol=tol)]
+    if differ:
+        raise ValueError(
+            f"cannot combine on {layer_name!r}: adapters {differ} left a different residual base than {first_name!r} "
+            "(each initialised from the weight differently), so their updates are relative to different base "
+            "weights; combine adapters made with the same initialisation (or a non-residual init)"
+        )
+    return first
 
 
 def check_has_adapter(name: str, existing: dict[str, Any]) -> None:

@@ -31,15 +31,10 @@ from torch import Tensor, nn
 
 from .base import Adapter
 from .model import AdaptedModel, atomic_write, check_has_adapter
-from .registry import available, get_method
+from .registry import get_method, lora_shaped_methods
 
 RESIDUAL_FILE = "residual_weights.safetensors"
 RESIDUAL_MODES = ("convert", "base")
-
-
-def lora_shaped_methods() -> list[str]:
-    """The registered methods whose adapters give LoRA factors (:meth:`Adapter.lora_factors`)."""
-    return [m for m in available() if get_method(m).adapter_cls.lora_factors is not Adapter.lora_factors]
 
 
 def lora_factors(adapter: Adapter) -> tuple[Tensor, Tensor, float]:

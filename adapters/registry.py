@@ -40,6 +40,13 @@ def available() -> list[str]:
     return sorted(_METHODS)
 
 
+def lora_shaped_methods() -> list[str]:
+    """The registered methods whose adapters give LoRA factors (``Adapter.lora_factors``)."""
+    from .base import Adapter
+
+    return [n for n in available() if _METHODS[n].adapter_cls.lora_factors is not Adapter.lora_factors]
+
+
 def get_method(name: str) -> Method:
     if not isinstance(name, str) or name not in _METHODS:
         raise ValueError(f"unknown adapter method {name!r}; available: {available()}")

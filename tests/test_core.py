@@ -407,3 +407,135 @@ def test_validate_never_changes_a_config(method) -> None:
 def test_config_checks_use_the_shared_wording(method, options, message) -> None:
     with pytest.raises(ValueError, match=message):
         ll.adapters.get_method(method).config_cls(**options)
+
+
+# ---- add_weighted_adapter ------------------------------------------------------------------------
+def _two_loras(r_b: int = 2, **options) -> ll.AdaptedModel:
+    """An MLP with two LoRA-shaped adapters ("a": LaMDA, "b": LaMDA or KORE...) moved off their init."""
+    torch.manual_seed(0)
+    m = ll.wrap(MLP(), "lamda", adapter_name="a", r=2, init="lora", pmb_schedule="none",
+                target_modules=["fc1", "fc2"], lora_alpha=4)
+    m.add_adapter("b", "lamda", r=r_b, init="lora", pmb_schedule="none", target_modules=["fc2"], lora_alpha=3)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in m.adapted_layers():
+            for adapter in layer.adapters.values():
+                for p in (adapter.lora_A, adapter.lora_S, adapter.lora_B):
+                    p.copy_(torch.randn(p.shape, generator=g))
+    return m
+
+
+def _delta(m: ll.AdaptedModel, adapter_name: str, layer_name: str) -> torch.Tensor:
+    layer = m.base_model.get_submodule(layer_name)
+    return layer.adapters[adapter_name].delta_weight(layer.base_layer).float()
+
+
+def test_add_weighted_adapter_cat_is_exact_and_saves(tmp_path) -> None:
+    m = _two_loras(r_b=3)
+    m.add_weighted_adapter(["a", "b"], [0.7, -1.3], "mix", combination_type="cat")
+    assert m.active_adapters == ["a"] and m.configs["mix"].rank_pattern == {"fc1": 2, "fc2": 5}
+    for name in ("fc1", "fc2"):
+        want = 0.7 * _delta(m, "a", name) + (-1.3 * _delta(m, "b", name) if name == "fc2" else 0)
+        torch.testing.assert_close(_delta(m, "mix", name), want, rtol=1e-5, atol=1e-5)
+    # the forward of the new adapter is the base layer plus Σ w_i ΔW_i
+    x = torch.randn(4, 16)
+    m.set_adapter("mix")
+    fc1 = m.base_model.fc1.base_layer
+    torch.testing.assert_close(m.base_model.fc1(x), torch.nn.functional.linear(x, fc1.weight + 0.7 * _delta(m, "a", "fc1"),
+                                                                             fc1.bias), rtol=1e-5, atol=1e-5)
+    out = m(x)
+    m.save_pretrained(tmp_path)
+    back = ll.load(MLP_copy_of(m), tmp_path, adapter_name="mix")
+    torch.testing.assert_close(back(x), out, rtol=0, atol=1e-6)
+
+
+def MLP_copy_of(m: ll.AdaptedModel) -> nn.Module:
+    """A fresh MLP with the same base weights as ``m``'s base model."""
+    torch.manual_seed(0)
+    fresh = MLP()
+    with torch.no_grad():
+        for name, module in fresh.named_children():
+            original = m.base_model.get_submodule(name)
+            original = getattr(original, "base_layer", original)
+            module.load_state_dict(original.state_dict())
+    return fresh
+
+
+@pytest.mark.parametrize("combination_type", ["linear", "cat"])
+def test_add_weighted_adapter_matches_peft(combination_type) -> None:
+    """The same LoRA factors in a PEFT model: PEFT's add_weighted_adapter gives the same ΔW."""
+    from peft import LoraConfig, get_peft_model
+
+    m = _two_loras(r_b=2)
+    m.add_weighted_adapter(["a", "b"], [0.6, -0.4], "mix", combination_type=combination_type)
+    peft_model = get_peft_model(MLP_copy_of(m), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"]), "a")
+    peft_model.add_adapter("b", LoraConfig(r=2, lora_alpha=3, target_modules=["fc2"]))
+    with torch.no_grad():
+        for layer in m.adapted_layers():
+            theirs = peft_model.base_model.model.get_submodule(layer.adapters["a"].layer_name)
+            for name in ("a", "b"):
+                if name in layer.adapters:
+                    a, b, scale = layer.adapters[name].lora_factors()
+                    assert theirs.scaling[name] == pytest.approx(scale)
+                    theirs.lora_A[name].weight.copy_(a)
+                    theirs.lora_B[name].weight.copy_(b)
+    peft_model.add_weighted_adapter(["a", "b"], [0.6, -0.4], "mix", combination_type=combination_type)
+    for name in ("fc1", "fc2"):
+        theirs = peft_model.base_model.model.get_submodule(name).get_delta_weight("mix")
+        torch.testing.assert_close(_delta(m, "mix", name), theirs.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_add_weighted_adapter_keeps_a_shared_residual_and_refuses_different_ones() -> None:
+    torch.manual_seed(0)
+    base = MLP()
+    batches = [torch.randn(8, 16) for _ in range(3)]
+    m = ll.wrap(copy.deepcopy(base), "corda", adapter_name="a", r=2, target_modules=["fc1"], calibration=batches)
+    m.add_adapter("b", "corda", r=2, target_modules=["fc1"], calibration=batches)  # same init: same residual
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in m.adapted_layers():
+            for adapter in layer.adapters.values():
+                adapter.lora_B.add_(0.1 * torch.randn(adapter.lora_B.shape, generator=g))
+    x = torch.randn(5, 16)
+    m.set_adapter("b")
+    only_b = m(x)
+    m.add_weighted_adapter(["b"], [1.0], "copy_of_b")
+    m.set_adapter("copy_of_b")
+    torch.testing.assert_close(m(x), only_b, rtol=0, atol=1e-5)
+    m.add_weighted_adapter(["a", "b"], [0.5, 0.5], "mixed", combination_type="cat")
+    m.set_adapter("mixed")
+    layer = m.base_model.fc1
+    with m.disable_adapter():
+        original = layer(x)
+    residual = layer.adapters["a"].residual_weight(torch.float32)
+    want = original + torch.nn.functional.linear(x, 0.5 * _delta(m, "a", "fc1") + 0.5 * _delta(m, "b", "fc1") - residual)
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-5)
+    # a residual adapter with a LoRA-init one (no residual) on the same layer: refused
+    m.add_adapter("plain", "lamda", r=2, init="lora", pmb_schedule="none", target_modules=["fc1"])
+    with pytest.raises(ValueError, match="left a residual base .* did not"):
+        m.add_weighted_adapter(["a", "plain"], [1.0, 1.0], "bad", combination_type="cat")
+    # two residual adapters from different initialisations: refused
+    m.add_adapter("c", "corda", r=2, target_modules=["fc1"], calibration=[torch.randn(8, 16) * 3 for _ in range(3)])
+    with pytest.raises(ValueError, match="different residual base"):
+        m.add_weighted_adapter(["a", "c"], [1.0, 1.0], "bad", combination_type="cat")
+    assert "bad" not in m.configs
+
+
+def test_add_weighted_adapter_bad_input() -> None:
+    m = _two_loras(r_b=3)
+    m.add_adapter("bone", "bone", r=4, target_modules=["fc1"])
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        m.add_weighted_adapter(["a", "nope"], [1.0, 1.0], "mix")
+    with pytest.raises(ValueError, match="equal rank.*'fc2'.*use combination_type='cat'"):
+        m.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix", combination_type="linear")
+    with pytest.raises(ValueError, match=r"LoRA-shaped adapters .*\{'bone': 'bone'\} are not"):
+        m.add_weighted_adapter(["a", "bone"], [1.0, 1.0], "mix", combination_type="cat")
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        m.add_weighted_adapter(["a", "b"], [1.0], "mix", combination_type="cat")
+    with pytest.raises(ValueError, match="weights must be finite"):
+        m.add_weighted_adapter(["a", "b"], [1.0, float("nan")], "mix", combination_type="cat")
+    with pytest.raises(ValueError, match="combination_type must be one of"):
+        m.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix", combination_type="svd")
+    with pytest.raises(ValueError, match="already has an adapter named 'b'"):
+        m.add_weighted_adapter(["a"], [1.0], "b")
+    assert "mix" not in m.configs and sorted(m.configs) == ["a", "b", "bone"]
