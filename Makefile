@@ -21,7 +21,7 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lifelong run examples/configs/stdlib_text.yaml --output runs/stdlib_text --resume
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=20
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q --durations=20
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -87,7 +87,7 @@ def test_federated_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"stream": {"name": "split_mnist"}}, r"stream.name: unknown 'split_mnist'; allowed: \['permuted_digits'"),
+    ({"stream": {"name": "split_mnist"}}, r"stream.name: unknown 'split_mnist'; allowed: \['cl_benchmark', 'permuted_digits'"),
     ({"methods": ["naive", "magic"]}, r"methods\[1\].name: unknown 'magic'; allowed:"),
     ({"trainig": {}}, r"unknown key\(s\) \['trainig'\]"),
     ({"training": {"lr": "fast"}}, r"training.lr must be float"),
