@@ -16,7 +16,10 @@ Setting (every number below is a command-line option):
   τ_max = 10 (drop); plain SGD, η_L = 0.3, batch 8.
 * rows: every method consumes 5 uploads per server step (FedAvg cohort 5, FedBuff K_b = 5,
   MIFA cohort 5 of the available devices, AFA-CD m = 5, AFA-CS min_new = 5), so server steps
-  and uploads are proportional; AFA η = 2 (= mean K, AFA-CD then matches FedAvg's step length).
+  and uploads are proportional; AFA η = 1 (``--afa-eta``). η = mean K = 2, which gives AFA-CD
+  FedAvg's step length, diverged to chance accuracy at α = 0.1 for AFA-CD and AFA-CS: AFA applies
+  stale uploads (τ up to τ_max = 10) without FedBuff's 1/√(1+τ) discount, so it needs the
+  smaller step.
   A reference row runs AFA-CD under *uniform* participation (every p_i = the mean of the skewed
   ones), the arrival process under which AFA-CD is unbiased. A fault row runs AFA-CS with 30% of
   the workers faulty (each job of a faulty worker crashes, or uploads NaN or inf adapter tensors)
@@ -92,7 +95,7 @@ def algorithm(row: str, args):
     import lifelong.federated as fl
 
     lr, m = args.local_lr, args.per_step
-    eta = (1 + args.k_max) / 2   # mean K: AFA-CD then takes FedAvg's step length
+    eta = args.afa_eta
     if row == "FedAvg":
         return fl.FedAvg(local_lr=lr, server_lr=1.0, cohort_size=m)
     if row == "FedBuff":
@@ -275,6 +278,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=15)
     parser.add_argument("--beta", type=float, default=0.9)
     parser.add_argument("--fault-seeds", type=int, default=1)
+    parser.add_argument("--afa-eta", type=float, default=1.0, help="AFA-CD / AFA-CS server step size η")
     parser.add_argument("--quick", action="store_true", help="10 steps, 1 seed, α = 0.1 (a smoke run)")
     args = parser.parse_args()
     if args.quick:
@@ -291,23 +295,27 @@ def main() -> None:
         meta.write_text(json.dumps(key))
         print(f"cached the frozen MiniLM layers for {args.n_train * 4 + args.n_test * 4} sentences in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
-    tag = "_".join(f"{v}" for v in cfg.values())
+    base_tag = "_".join(f"{v}" for v in cfg.values())
+
+    def tag_of(row: str) -> str:   # AFA rows also depend on η
+        return base_tag + (f"_eta{args.afa_eta}" if row.startswith("AFA") else "")
     todo, results = [], {}
     for alpha in args.alphas:
         for row in args.rows:
             for seed in range(args.seeds):
-                path = out / "cells" / f"text_{row.replace(' ', '-')}_{alpha}_{seed}_{tag}.json"
+                path = out / "cells" / f"text_{row.replace(' ', '-')}_{alpha}_{seed}_{tag_of(row)}.json"
                 if path.exists():
                     results[("text", row, alpha, seed)] = json.loads(path.read_text())
                 else:
                     todo.append((path, ("text", row, alpha, seed, vars(args), str(out))))
     for seed in range(args.fault_seeds):
         alpha = args.alphas[0]
-        path = out / "cells" / f"text_faults_{alpha}_{seed}_{tag}.json"
+        path = out / "cells" / f"text_faults_{alpha}_{seed}_{tag_of(FAULT_ROW)}.json"
         if path.exists():
             results[("text", FAULT_ROW, alpha, seed)] = json.loads(path.read_text())
         else:
             todo.append((path, ("text", FAULT_ROW, alpha, seed, vars(args), str(out))))
+    todo.sort(key=lambda item: not item[1][1].startswith("AFA"))   # AFA rows first
     print(f"{len(results)} cached cells, {len(todo)} to run on {args.jobs} processes", flush=True)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
