@@ -51,6 +51,10 @@ def one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
 
 
 def optional(check: Callable[..., None], name: str, value: Any, *args: Any) -> None:
-    """``check`` unless ``value`` is None."""
-    if value is not None:
+    """``check`` unless ``value`` is None; the message says that None is allowed too."""
+    if value is None:
+        return
+    try:
         check(name, value, *args)
+    except ValueError as err:
+        raise ValueError(str(err).replace(" must be ", " must be None or ", 1)) from None

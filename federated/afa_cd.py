@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import one_of, positive_int
+from ..checks import one_of, positive_int
 from .server import Server, ServerConfig, StalenessWeight, Update
 
 WEIGHTINGS = ("uniform", "num_examples")

@@ -27,7 +27,7 @@ from typing import Iterable
 
 import torch
 
-from ._checks import one_of, positive_int
+from ..checks import one_of, positive_int
 from .server import Server, ServerConfig, Update
 
 CS_INITS = ("available_only", "zeros", "warm_start")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import one_of, positive_int
+from ..checks import one_of, positive_int
 from .afa_cd import WEIGHTINGS
 from .server import Server, ServerConfig, Update
 

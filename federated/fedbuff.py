@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import positive_int
+from ..checks import positive_int
 from .server import Server, ServerConfig, StalenessWeight, Update, polynomial_staleness
 
 

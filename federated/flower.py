@@ -38,7 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from ._checks import fraction, non_negative_int, positive_int
+from ..checks import fraction, non_negative_int, positive_int
 from .params import Params, nbytes
 from .server import Server, Update
 from .worker import LocalTrainer

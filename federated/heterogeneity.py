@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ._checks import fraction, non_negative_number, optional, positive_int, positive_number
+from ..checks import fraction, non_negative_number, optional, positive_int, positive_number
 from .params import Params
 
 _STEPS, _SPEED, _JITTER, _FAULT_SET, _FAULT_JOB = 21, 22, 23, 24, 25

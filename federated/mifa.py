@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import fraction, optional, positive_int
+from ..checks import fraction, optional, positive_int
 from .afa_cs import MemoryConfig, MemoryServer
 from .server import Update
 

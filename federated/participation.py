@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ._checks import fraction, positive_number
+from ..checks import fraction, positive_number
 
 # stream tags: keep every random decision in its own seeded stream
 _BERNOULLI_WAIT, _BERNOULLI_ROUND, _MARKOV, _PERIODIC = 11, 12, 13, 14

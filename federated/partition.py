@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ._checks import positive_int, positive_number
+from ..checks import positive_int, positive_number
 
 
 def _check_workers(num_workers: int, n: int) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
-from ._checks import non_negative_int, non_negative_number, one_of, optional, positive_int, positive_number
+from ..checks import non_negative_int, non_negative_number, one_of, optional, positive_int, positive_number
 from .params import ParamSpec, Params, nbytes
 
 STALE_POLICIES = ("drop", "accept", "clip")

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..files import digest, fingerprint as config_fingerprint
-from ._checks import non_negative_int, optional, positive_int
+from ..checks import non_negative_int, optional, positive_int
 from .heterogeneity import Faults, FixedSteps, LocalSteps, Speed
 from .params import Params, nbytes, tensor_digest, trainable_params
 from .participation import Bernoulli, Participation

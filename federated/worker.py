@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from ._checks import positive_int
+from ..checks import positive_int
 from .params import Params
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

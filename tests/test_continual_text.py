@@ -104,7 +104,7 @@ def test_cl_benchmark_bad_folders_are_reported_with_the_file_and_item(folder, br
 def test_cl_benchmark_rejects_bad_arguments(folder):
     with pytest.raises(ValueError, match="unknown preset 'order9'"):
         lc.cl_benchmark(folder, tasks="order9")
-    with pytest.raises(ValueError, match="n_train \\(items per class\\) must be a positive integer"):
+    with pytest.raises(ValueError, match="n_train \\(items per class\\) must be None or a positive integer"):
         lc.cl_benchmark(folder, tasks=["mood"], n_train=0)
     with pytest.raises(ValueError, match="appears twice"):
         lc.cl_benchmark(folder, tasks=["mood", "mood"])

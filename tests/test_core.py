@@ -396,13 +396,13 @@ def test_validate_never_changes_a_config(method) -> None:
     ("bone", {"r": True}, "r must be a positive integer, got True"),
     ("bone", {"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
     ("lamda", {"pmb_freeze_fraction": 0.0}, r"pmb_freeze_fraction must be a number in \(0, 1\], got 0.0"),
-    ("lamda", {"r_max": 0}, "r_max must be a positive integer, got 0"),
+    ("lamda", {"r_max": 0}, "r_max must be None or a positive integer, got 0"),
     ("corda", {"lora_alpha": float("nan")}, "lora_alpha must be a finite number > 0, got nan"),
     ("corda", {"damp_growth": 1.0}, "damp_growth must be > 1, got 1.0"),
     ("kore", {"null_tol": 0}, "null_tol must be a finite number > 0, got 0"),
     ("ssf", {"init_std": -1.0}, "init_std must be a finite number >= 0, got -1.0"),
     ("clr", {"reg_lambda": -0.5}, "reg_lambda must be a finite number >= 0, got -0.5"),
-    ("welore", {"threshold": 1.5}, r"threshold \(tau\) must be a number in \[0, 1\], got 1.5"),
+    ("welore", {"threshold": 1.5}, r"threshold \(tau\) must be None or a number in \[0, 1\], got 1.5"),
 ])
 def test_config_checks_use_the_shared_wording(method, options, message) -> None:
     with pytest.raises(ValueError, match=message):
