@@ -6,7 +6,7 @@ Backends: ``torch`` (plain torch, hand-written backward: the oracle and the CPU 
 
 - CUDA tensors, triton importable, compute capability ≥ 8.0, and the op's shape bucket marked
   ``"triton"`` in the tuned table for this GPU (``kernels/tuned/<gpu name>.json``, written by
-  ``benchmarks/kernels.py --write-table``) → ``triton``; other CUDA tensors → ``composite``;
+  ``benchmarks/kernel_speed.py --write-table``) → ``triton``; other CUDA tensors → ``composite``;
 - CPU tensors while ``TRITON_INTERPRET=1`` was set before triton was imported → ``triton`` run by
   the interpreter (tests only; slow);
 - everything else → ``torch``.

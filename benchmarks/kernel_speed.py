@@ -1,6 +1,6 @@
 """Benchmark and GPU check of lifelong.kernels.
 
-    python benchmarks/kernels.py [--out results/kernels.md] [--write-table] [--quick]
+    python benchmarks/kernel_speed.py [--out results/kernels.md] [--write-table] [--quick]
 
 On a CUDA machine it first checks every op's Triton path against a float64 reference (fp32, fp16,
 bf16), then times, with ``triton.testing.do_bench`` (median of ``rep`` ms, L2 flushed), for
