@@ -3,11 +3,12 @@
 Importing this package registers every built-in method.
 """
 
-from . import atlas, bone, clr, corda, kore, lamda, ssf, welore  # noqa: F401  (registration side effects)
+from . import atlas, bone, clr, corda, kore, lamda, lora, ssf, welore  # noqa: F401  (registration side effects)
 from .base import AdaptedLayer, Adapter, SavedModule
 from .bone import BoneConfig
 from .config import AdapterConfig
 from .lamda import LaMDAConfig
+from .lora import LoraConfig
 from .model import AdaptedModel, load, wrap
 from .registry import available, get_method, register
 from .ssf import SSFConfig
@@ -19,6 +20,7 @@ __all__ = [
     "AdapterConfig",
     "BoneConfig",
     "LaMDAConfig",
+    "LoraConfig",
     "SSFConfig",
     "SavedModule",
     "available",

@@ -1,14 +1,14 @@
-"""Export LoRA-shaped adapters (CorDA, KORE, LaMDA) as a PEFT ``LoraConfig`` checkpoint.
+"""Export LoRA-shaped adapters (LoRA, CorDA, KORE, LaMDA) as a PEFT ``LoraConfig`` checkpoint.
 
 Each exported layer becomes a plain PEFT LoRA layer ``y = W x + b + s·B A x``:
 
-- CorDA / KORE: ``lora_A = A``, ``lora_B = B``, ``s`` = the adapter's scaling (1 for KORE);
+- LoRA / CorDA / KORE: ``lora_A = A``, ``lora_B = B``, ``s`` = the adapter's scaling (1 for KORE);
 - LaMDA: ``lora_A = A``, ``lora_B = B·S`` (S folded into B; frozen PMB columns as frozen).
 
 Per-layer ranks and scalings go into ``rank_pattern`` / ``alpha_pattern`` (``alpha = s·r``,
 ``use_rslora=False``), so PEFT's scaling equals ours whatever rsLoRA or rank choices were made.
 
-These methods initialise from the weight and leave a residual base ``W_res = W − R`` (R =
+CorDA, KORE and LaMDA initialise from the weight and leave a residual base ``W_res = W − R`` (R =
 ``residual_up @ residual_down``). By default (``residual="convert"``) the export follows PEFT's
 conversion of PiSSA / CorDA / OLoRA adapters (``save_pretrained(...,
 path_initial_model_for_weight_conversion=...)``): the update relative to the *original* W,
@@ -113,7 +113,7 @@ def export_peft(model: AdaptedModel, directory: str | os.PathLike, adapter_name:
     r0 = max(ranks.values())
     lora = LoraConfig(
         r=r0, lora_alpha=alphas[next(n for n in ranks if ranks[n] == r0)], target_modules=sorted(ranks),
-        rank_pattern=ranks, alpha_pattern=alphas, lora_dropout=float(getattr(config, "dropout", 0.0)),
+        rank_pattern=ranks, alpha_pattern=alphas, lora_dropout=float(getattr(config, "lora_dropout", getattr(config, "dropout", 0.0))),
         use_rslora=False, init_lora_weights=True, bias="none",
     )
     folder = Path(directory)

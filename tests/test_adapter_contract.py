@@ -212,4 +212,4 @@ def test_lora_factors_give_the_delta_weight_or_are_none(case: Case) -> None:
                                            rtol=1e-5, atol=1e-6)
             assert callable(adapter.after_backward) and callable(adapter.after_optimizer_step)
     lora_shaped = {m for m in ll.available() if get_method(m).adapter_cls.lora_factors is not ll.adapters.Adapter.lora_factors}
-    assert lora_shaped == {"corda", "kore", "lamda"}
+    assert lora_shaped == {"corda", "kore", "lamda", "lora"}
