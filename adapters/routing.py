@@ -12,11 +12,18 @@ Routing switches which adapter runs without touching ``requires_grad``: the trai
 the one chosen with :meth:`set_task` (only its tensors train), so training task t can never move
 another task's tensors. A forward without ``task_id`` uses the task chosen by :meth:`set_task`, or
 the only task; with several tasks and none chosen it is an error.
+
+Task inference (when no task id is known at test time, e.g. ``task_inference=`` of a continual
+run): :class:`PrototypeRouter` predicts each sample's task as the nearest task prototype (the
+mean of the frozen base's features on that task's training data) by cosine similarity, and
+:func:`confidence_route` picks the task whose own adapter is most confident. Both only return
+task predictions; feeding them to ``forward(..., task_id=...)`` is the caller's step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +35,7 @@ from torch import Tensor, nn
 from .model import CONFIG_FILE, AdaptedModel
 
 PREFIX = "task_"
+ROUTER_KEYS = ("task_ids", "sums", "counts")
 
 
 class TaskRoutedModel(AdaptedModel):
@@ -180,3 +188,135 @@ def _take(value: Any, index: Tensor, batch: int) -> Any:
     if isinstance(value, dict):
         return {k: _take(v, index, batch) for k, v in value.items()}
     return value
+
+
+# ---- task inference ------------------------------------------------------------------------------
+
+class PrototypeRouter:
+    """Nearest-prototype task inference: ``route(features)`` gives each row's most likely task.
+
+    Why prototypes: the frozen base model's mean-pooled features of different tasks (different
+    domains, topics and vocabularies) form separated clusters, and the nearest class mean is the
+    standard prototype classifier for such clusters in continual learning (Rebuffi et al.,
+    "iCaRL: Incremental Classifier and Representation Learning", CVPR 2017, with tasks in place of
+    classes). It needs nothing but the base's features: no adapter runs, nothing trains, and the
+    earlier tasks' data is not kept. Cosine rather than Euclidean distance, because the norm of a
+    mean-pooled feature varies with the text (length, frequent tokens) while its direction carries
+    the topic, and sentence encoders such as MiniLM are trained for cosine similarity.
+
+    ``update(task_id, features)`` adds a batch of one task's features to that task's running sum
+    and count (float64, streamed; no sample is stored); the prototype is ``sum / count``.
+    ``route`` compares L2-normalised rows with L2-normalised prototypes in float64; a tie (e.g. an
+    all-zero row) goes to the task updated first. Task ids are ints (as :class:`TaskRoutedModel`'s
+    numbered tasks); ``tasks`` lists them in the order they were first updated.
+    """
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+        self._sums: list[Tensor] = []
+        self._counts: list[int] = []
+
+    @property
+    def tasks(self) -> list[int]:
+        return list(self._ids)
+
+    @property
+    def width(self) -> int | None:
+        """The feature width D fixed by the first update (None before it)."""
+        return int(self._sums[0].shape[0]) if self._sums else None
+
+    @property
+    def prototypes(self) -> Tensor:
+        """``(T, D)`` float64 task means, rows in the order of :attr:`tasks`."""
+        if not self._ids:
+            raise RuntimeError("PrototypeRouter has no task yet: call update(task_id, features) first")
+        return torch.stack(self._sums) / torch.tensor(self._counts, dtype=torch.float64).unsqueeze(1)
+
+    def update(self, task_id: int, features: Tensor) -> None:
+        """Add ``features`` (``(N, D)``, N ≥ 1) of task ``task_id`` to its prototype."""
+        if isinstance(task_id, Tensor) and task_id.numel() == 1 and not task_id.is_floating_point():
+            task_id = int(task_id)
+        if isinstance(task_id, bool) or not isinstance(task_id, int):
+            raise TypeError(f"PrototypeRouter task ids are ints, got {task_id!r}")
+        rows = self._checked(features, "update")
+        if task_id not in self._ids:
+            self._ids.append(task_id)
+            self._sums.append(torch.zeros(rows.shape[1], dtype=torch.float64))
+            self._counts.append(0)
+        i = self._ids.index(task_id)
+        self._sums[i] = self._sums[i] + rows.sum(dim=0)
+        self._counts[i] += rows.shape[0]
+
+    def route(self, features: Tensor) -> Tensor:
+        """The task id of the nearest prototype (cosine similarity) of each row: ``(N,)`` int64."""
+        if not self._ids:
+            raise RuntimeError("PrototypeRouter.route() before any task: call update(task_id, features) first")
+        rows = F.normalize(self._checked(features, "route"), dim=1)
+        similarity = rows @ F.normalize(self.prototypes, dim=1).T
+        ids = torch.tensor(self._ids, dtype=torch.long)
+        return ids[similarity.argmax(dim=1)].to(features.device)
+
+    def _checked(self, features: Tensor, where: str) -> Tensor:
+        """``features`` as a float64 CPU matrix, after checking its shape, width and values."""
+        if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[0] == 0:
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise ValueError(f"PrototypeRouter.{where}: features must be a (N, D) tensor with N >= 1, got {shape}")
+        if self.width is not None and features.shape[1] != self.width:
+            raise ValueError(f"PrototypeRouter.{where}: features have width {features.shape[1]}, the prototypes "
+                             f"{self.width} (use the same feature extractor for every task)")
+        rows = features.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(rows).all()):
+            bad = int((~torch.isfinite(rows)).any(dim=1).nonzero()[0])
+            raise ValueError(f"PrototypeRouter.{where}: features hold non-finite values (first in row {bad})")
+        return rows
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """``task_ids`` (T,) int64, ``sums`` (T, D) float64 and ``counts`` (T,) int64."""
+        width = self.width or 0
+        sums = torch.stack(self._sums) if self._sums else torch.zeros(0, width, dtype=torch.float64)
+        return {"task_ids": torch.tensor(self._ids, dtype=torch.long), "sums": sums.clone(),
+                "counts": torch.tensor(self._counts, dtype=torch.long)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Replace this router's tasks with those of a :meth:`state_dict`."""
+        if not isinstance(state, dict) or set(state) != set(ROUTER_KEYS):
+            raise ValueError(f"PrototypeRouter state must have the keys {list(ROUTER_KEYS)}, "
+                             f"got {sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        ids, sums, counts = (state[k] for k in ROUTER_KEYS)
+        t = ids.shape[0] if ids.dim() == 1 else -1
+        if sums.dim() != 2 or sums.shape[0] != t or counts.shape != (t,) or len(set(ids.tolist())) != t:
+            raise ValueError(f"PrototypeRouter state is inconsistent: task_ids {tuple(ids.shape)}, sums "
+                             f"{tuple(sums.shape)}, counts {tuple(counts.shape)} (one distinct id, row and count "
+                             "per task)")
+        if t and (bool((counts <= 0).any()) or not bool(torch.isfinite(sums).all())):
+            raise ValueError("PrototypeRouter state has a task with no samples or non-finite sums")
+        self._ids = [int(i) for i in ids]
+        self._sums = [row.to("cpu", torch.float64).clone() for row in sums]
+        self._counts = [int(c) for c in counts]
+
+
+def confidence_route(logits_per_task: list[Tensor]) -> Tensor:
+    """Per sample, the index of the task whose adapter is most confident: ``(N,)`` int64.
+
+    ``logits_per_task[t]`` is ``(N, C_t)``: the logits of every sample under task t's adapter and
+    head. Confidence is the maximum softmax probability over the task's own classes (computed in
+    float64); ties go to the lowest task index. ``-inf`` entries (padding) are allowed, NaN, +inf
+    and rows without a finite entry are not.
+    """
+    if not isinstance(logits_per_task, (list, tuple)) or not logits_per_task:
+        raise ValueError("confidence_route: pass a non-empty list of (N, C_t) logit tensors, one per task")
+    n = None
+    confidence = []
+    for t, logits in enumerate(logits_per_task):
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] == 0:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"confidence_route: task {t}'s logits must be (N, C) with C >= 1, got {shape}")
+        n = logits.shape[0] if n is None else n
+        if logits.shape[0] != n:
+            raise ValueError(f"confidence_route: task {t} has {logits.shape[0]} rows, task 0 has {n}")
+        values = logits.detach().double()
+        bad = torch.isnan(values) | (values == math.inf)
+        if bool(bad.any()) or not bool(torch.isfinite(values).any(dim=1).all()):
+            raise ValueError(f"confidence_route: task {t}'s logits hold NaN or +inf, or a row with no finite value")
+        confidence.append(values.softmax(dim=1).amax(dim=1))
+    return torch.stack(confidence).argmax(dim=0).to(logits_per_task[0].device)
