@@ -7,16 +7,17 @@ evaluate in the same way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..files import atomic_write
+from .. import checkpoint
+from ..checkpoint import fingerprint
 from .metrics import accuracy
 from .streams import experience_classes, has_task_labels
 
@@ -140,19 +141,34 @@ def evaluate_stream(predict: Callable, test_exps: list, masks: dict | None, batc
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-def fingerprint(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+#: what a continual checkpoint holds (``runner``: model, optimizer and method states, all finite)
+CHECKPOINT_KEYS = ("fingerprint", "config", "completed", "elapsed", "steps", "step_time", "matrix", "initial", "runner")
 
 
 def save_checkpoint(folder: str, state: dict) -> None:
-    atomic_write(os.path.join(folder, CHECKPOINT), lambda tmp: torch.save(state, tmp))
+    """Write ``folder/checkpoint.pt`` atomically with its digest (:mod:`lifelong.checkpoint`)."""
+    checkpoint.save(os.path.join(folder, CHECKPOINT), state)
 
 
-def load_checkpoint(folder: str, config: dict) -> dict | None:
+def load_checkpoint(folder: str, config: dict, *, experiences: int | None = None) -> dict | None:
+    """The state saved in ``folder``, or None when there is none to resume from.
+
+    A damaged checkpoint (cut short, empty, another file, edited or flipped bytes, NaN or infinite
+    weights, keys missing, ``completed`` outside ``0..experiences`` when ``experiences`` is given)
+    is not resumed: a ``RuntimeWarning`` names the file and why, and the run starts over from the
+    first experience (as the federated simulator does). A whole checkpoint of another
+    configuration is a ``ValueError``: starting over would overwrite that run's work.
+    """
     path = os.path.join(folder, CHECKPOINT)
     if not os.path.exists(path):
         return None
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        state = checkpoint.load(path, finite=("runner",))
+        check_contents(path, state, experiences)
+    except checkpoint.CheckpointError as err:
+        warnings.warn(f"checkpoint {str(err.path)!r} {err.reason}; starting the stream over from the first experience",
+                      RuntimeWarning, stacklevel=3)
+        return None
     if state["fingerprint"] != fingerprint(config):
         saved = json.loads(state["config"])
         diff = sorted(k for k in set(saved) | set(config) if json.dumps(saved.get(k), sort_keys=True, default=str)
@@ -160,6 +176,23 @@ def load_checkpoint(folder: str, config: dict) -> dict | None:
         raise ValueError(f"checkpoint {path} was written by a different configuration (differs in: {', '.join(diff)}); "
                          "use another checkpoint_dir or resume=False")
     return state
+
+
+def check_contents(path: str, state: dict, experiences: int | None) -> None:
+    """Raise :class:`~lifelong.checkpoint.CheckpointError` unless ``state`` holds every key of
+    :data:`CHECKPOINT_KEYS` and a ``completed`` count the stream can have."""
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise checkpoint.damaged(path, f"is not a continual checkpoint (missing {missing})")
+    completed = state["completed"]
+    if isinstance(completed, bool) or not isinstance(completed, int) or completed < 0:
+        raise checkpoint.damaged(path, f"holds completed={completed!r}, not a count of experiences")
+    if experiences is not None and completed > experiences:
+        raise checkpoint.damaged(path, f"holds completed={completed}, but the stream has {experiences} experiences")
+    try:
+        json.loads(state["config"])
+    except (TypeError, ValueError) as err:
+        raise checkpoint.damaged(path, f"holds a config that is not JSON ({err})") from err
 
 
 def make_optimizer(optimizer, params: list, lr: float, method=None) -> torch.optim.Optimizer:
@@ -173,7 +206,9 @@ def make_optimizer(optimizer, params: list, lr: float, method=None) -> torch.opt
         return torch.optim.SGD(params, lr=lr)
     if optimizer == "adam":
         return torch.optim.Adam(params, lr=lr)
-    raise ValueError(f"unknown optimizer {optimizer!r}; valid: 'sgd', 'adam' or a callable params -> Optimizer")
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    raise ValueError(f"unknown optimizer {optimizer!r}; valid: 'sgd', 'adam', 'adamw' or a callable params -> Optimizer")
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
