@@ -19,16 +19,17 @@ slot of the buffer (its newest upload replaces the older one).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Hashable
 
 import torch
 
 from ..checks import one_of, positive_int
-from .server import Server, ServerConfig, StalenessWeight, Update
+from .server import Server, ServerConfig, StalenessWeight, Update, _norm
 
 WEIGHTINGS = ("uniform", "num_examples")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AFACDConfig(ServerConfig):
     """AFA-CD's settings: ``buffer_size`` m uploads per step, their ``weighting``, and whether a
     worker holds at most one slot of the buffer (``distinct_per_step``)."""
@@ -55,11 +56,13 @@ class AFACD(Server):
     def __init__(self, *, local_lr: float = 0.05, server_lr: float = 1.0, buffer_size: int = 10,
                  max_staleness: int | None = 10, stale_policy: str = "drop",
                  weighting: str = "uniform", distinct_per_step: bool = False,
-                 staleness_weight: StalenessWeight | None = None):
+                 staleness_weight: StalenessWeight | None = None,
+                 max_update_norm: float | None = None):
         super().__init__(AFACDConfig(local_lr=local_lr, server_lr=server_lr, buffer_size=buffer_size,
                                      max_staleness=max_staleness, stale_policy=stale_policy,
                                      weighting=weighting, distinct_per_step=distinct_per_step,
-                                     staleness_weight=staleness_weight))
+                                     staleness_weight=staleness_weight,
+                                     max_update_norm=max_update_norm))
 
     def _reset(self) -> None:
         # entries: (worker, G, base_version, num_examples)
@@ -67,26 +70,39 @@ class AFACD(Server):
 
     def _accept(self, update: Update, g: torch.Tensor) -> bool:
         entry = (update.worker, g, update.base_version, update.num_examples)
-        if self.distinct_per_step:
+        if self.settings.distinct_per_step:
             self.buffer = [e for e in self.buffer if e[0] != update.worker]
         self.buffer.append(entry)
-        if len(self.buffer) < self.buffer_size:
+        if not self._ready():
             return False
-        self._step(self._average(), self.server_lr * self.local_lr)
-        self.buffer = []
-        return True
+        stepped = self._guarded_step(self.settings.server_lr * self.settings.local_lr)
+        if stepped:
+            self.buffer = []
+        return stepped
 
-    def _average(self) -> torch.Tensor:
-        if self.weighting == "num_examples":
+    def _ready(self) -> bool:
+        return len(self.buffer) >= self.settings.buffer_size
+
+    def _direction(self) -> torch.Tensor:
+        if self.settings.weighting == "num_examples":
             total = float(sum(e[3] for e in self.buffer))
             weights = [e[3] / total for e in self.buffer]
         else:
             weights = [1.0 / len(self.buffer)] * len(self.buffer)
         out = torch.zeros_like(self.x)
-        for (worker, g, base, _), w in zip(self.buffer, weights):
+        for (_, g, base, _), w in zip(self.buffer, weights):
             out += (w * self._weight(self.version - base)) * g
-            self._consumed(worker, base)
         return out
+
+    def _pending_sizes(self) -> list[tuple[Hashable, float]]:
+        return [(i, _norm(e[1])) for i, e in enumerate(self.buffer)]
+
+    def _discard(self, key: Hashable) -> None:
+        del self.buffer[key]
+
+    def _before_commit(self) -> None:
+        for worker, _, base, _ in self.buffer:
+            self._consumed(worker, base)
 
     def _extra_state(self) -> dict:
         return {"buffer": [list(e) for e in self.buffer]}

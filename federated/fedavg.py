@@ -16,15 +16,16 @@ Uploads carry the normalised ``G_i = −Δ_i / (η_L·K_i)``, so the server reco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Hashable
 
 import torch
 
 from ..checks import one_of, positive_int
 from .afa_cd import WEIGHTINGS
-from .server import Server, ServerConfig, Update
+from .server import Server, ServerConfig, Update, _norm
 
 
-@dataclass
+@dataclass(frozen=True)
 class FedAvgConfig(ServerConfig):
     """FedAvg's settings: ``cohort_size`` workers per round and their ``weighting``. A
     synchronous round only accepts uploads computed on the current model, so the delay bound
@@ -52,34 +53,52 @@ class FedAvg(Server):
     Config = FedAvgConfig
 
     def __init__(self, *, local_lr: float = 0.05, server_lr: float = 1.0, cohort_size: int = 10,
-                 weighting: str = "uniform"):
+                 weighting: str = "uniform",
+                 max_update_norm: float | None = None):
         super().__init__(FedAvgConfig(local_lr=local_lr, server_lr=server_lr, cohort_size=cohort_size,
-                                      weighting=weighting))
+                                      weighting=weighting,
+                                      max_update_norm=max_update_norm))
 
     def _reset(self) -> None:
         self.round: list[tuple[int, torch.Tensor, int, int]] = []  # (worker, K·G, base, n)
 
     def _accept(self, update: Update, g: torch.Tensor) -> bool:
-        self.round.append((update.worker, update.local_steps * g, update.base_version,
-                           update.num_examples))
+        kg = update.local_steps * g
+        if self._finite_or_reject(kg):   # K·G of a huge upload may overflow
+            self.round.append((update.worker, kg, update.base_version, update.num_examples))
         return False
 
     def flush(self) -> bool:
         if not self.round:
             return False
-        if self.weighting == "num_examples":
+        # x + η_s·mean(Δ) with Δ = −η_L·K·G
+        stepped = self._guarded_step(self.settings.server_lr * self.settings.local_lr)
+        self.round = []
+        return stepped
+
+    def _ready(self) -> bool:
+        return bool(self.round)
+
+    def _direction(self) -> torch.Tensor:
+        if self.settings.weighting == "num_examples":
             total = float(sum(e[3] for e in self.round))
             weights = [e[3] / total for e in self.round]
         else:
             weights = [1.0 / len(self.round)] * len(self.round)
         direction = torch.zeros_like(self.x)
-        for (worker, kg, base, _), w in zip(self.round, weights):
+        for (_, kg, _, _), w in zip(self.round, weights):
             direction += w * kg
+        return direction
+
+    def _pending_sizes(self) -> list[tuple[Hashable, float]]:
+        return [(i, _norm(e[1])) for i, e in enumerate(self.round)]
+
+    def _discard(self, key: Hashable) -> None:
+        del self.round[key]
+
+    def _before_commit(self) -> None:
+        for worker, _, base, _ in self.round:
             self._consumed(worker, base)
-        # x + η_s·mean(Δ) with Δ = −η_L·K·G
-        self._step(direction, self.server_lr * self.local_lr)
-        self.round = []
-        return True
 
     def _extra_state(self) -> dict:
         return {"round": [list(e) for e in self.round]}

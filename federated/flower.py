@@ -38,9 +38,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from ..checks import fraction, non_negative_int, positive_int
+from ..checks import fraction, non_negative_int, optional, positive_int
 from .params import Params, nbytes
 from .server import Server, Update
+from .simulator import FederationStalled, default_max_stall
 from .worker import LocalTrainer
 
 ARRAYS, UPDATE, CONFIG, METRICS = "arrays", "update", "config", "metrics"
@@ -75,15 +76,32 @@ def train_message(server: Server, node_id: int, max_local_steps: int, server_rou
 
 
 def reply_to_update(reply: Message) -> Update | None:
-    """The `Update` a reply carries, or None for an error reply or a node that declined."""
+    """The `Update` a reply carries, or None for an error reply or a node that declined.
+
+    Raises ``ValueError`` for a reply whose metrics cannot form an `Update` (missing keys,
+    ``local-steps < 1``, negative counts); the loops below count it as a rejected upload.
+    """
     if reply.has_error():
         return None
     metrics = reply.content[METRICS]
-    if int(metrics["participated"]) == 0:
+    try:
+        if int(metrics["participated"]) == 0:
+            return None
+        return Update(worker=int(metrics["partition-id"]), delta=record_to_params(reply.content[UPDATE]),
+                      base_version=int(metrics["model-version"]), local_steps=int(metrics["local-steps"]),
+                      num_examples=int(metrics["num-examples"]))
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"malformed reply: {type(err).__name__}: {err}") from err
+
+
+def _update_or_reject(reply: Message, server: Server) -> Update | None:
+    """`reply_to_update`, with a malformed reply counted by the server as rejected (``"malformed"``)."""
+    try:
+        return reply_to_update(reply)
+    except ValueError:
+        server.stats["received"] += 1
+        server.reject("malformed")
         return None
-    return Update(worker=int(metrics["partition-id"]), delta=record_to_params(reply.content[UPDATE]),
-                  base_version=int(metrics["model-version"]), local_steps=int(metrics["local-steps"]),
-                  num_examples=int(metrics["num-examples"]))
 
 
 class FlowerWorker:
@@ -142,24 +160,6 @@ class FlowerWorker:
         return Message(content=content, reply_to=msg)
 
 
-class PartitionedData:
-    """A picklable ``data_fn`` for `FlowerWorker`: partition p gets ``inputs[parts[p]]``.
-
-    Ray ships the ClientApp to its actors by pickling, so functions defined in a script
-    or a test module cannot be used there; instances of this class can.
-    """
-
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, parts: list[np.ndarray]):
-        self.inputs, self.labels, self.parts = inputs, labels, [np.array(p) for p in parts]
-
-    def __call__(self, partition: int, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if num_partitions != len(self.parts):
-            raise ValueError(f"the federation has {num_partitions} nodes but the data was split "
-                             f"into {len(self.parts)} partitions")
-        idx = torch.from_numpy(self.parts[partition])
-        return self.inputs[idx], self.labels[idx]
-
-
 def make_client_app(worker: FlowerWorker) -> ClientApp:
     app = ClientApp()
     app.train()(worker)
@@ -208,7 +208,7 @@ class AFAStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         version = self.server.version
-        updates = [u for u in map(reply_to_update, replies) if u is not None]
+        updates = [u for u in (_update_or_reject(r, self.server) for r in replies) if u is not None]
         for update in updates:
             self.uplink_bytes += nbytes(update.delta)
             self.server.submit(update)
@@ -235,13 +235,15 @@ class AFAStrategy(Strategy):
 def run_async(grid: Grid, server: Server, *, num_steps: int, concurrency: int,
               max_local_steps: int = 5, poll_interval: float = 0.05,
               evaluate_fn: Callable[[int, Params], float] | None = None, eval_every: int = 10,
-              timeout: float | None = None, min_nodes: int = 1) -> dict:
+              timeout: float | None = None, min_nodes: int = 1, max_stall: int | None = None) -> dict:
     """Event-driven AFA main loop for ``@app.main()`` (Flower's Grid ``push_messages``/``pull_messages``).
 
     ``server`` must be initialised. Keeps up to ``concurrency`` nodes training; each
     reply is submitted as soon as it is pulled (staleness = version now − version
     sent), and the freed node is re-dispatched with the newest model. Stops after
-    ``num_steps`` server steps or ``timeout`` seconds. Returns a summary dict.
+    ``num_steps`` server steps or ``timeout`` seconds. Returns a summary dict. When
+    ``max_stall`` replies in a row (default ``100 + 10·nodes``, as the simulator) bring no
+    server step — every upload rejected, every node failing — it raises `FederationStalled`.
     """
     if server.spec is None:
         raise RuntimeError("initialise the server first: server.init(params, num_workers)")
@@ -249,6 +251,7 @@ def run_async(grid: Grid, server: Server, *, num_steps: int, concurrency: int,
     non_negative_int("num_steps", num_steps)
     positive_int("max_local_steps", max_local_steps)
     positive_int("eval_every", eval_every)
+    optional(positive_int, "max_stall", max_stall)
     start = time.monotonic()
     nodes: list[int] = []
     while len(nodes) < min_nodes:
@@ -258,6 +261,8 @@ def run_async(grid: Grid, server: Server, *, num_steps: int, concurrency: int,
     idle = list(nodes)
     in_flight: dict[str, int] = {}   # message id -> node id
     history: list[dict] = []
+    stall_limit = max_stall if max_stall is not None else default_max_stall(len(nodes))
+    stall = 0
 
     def dispatch() -> None:
         while idle and len(in_flight) < concurrency:
@@ -276,86 +281,23 @@ def run_async(grid: Grid, server: Server, *, num_steps: int, concurrency: int,
         for reply in replies:
             node = in_flight.pop(reply.metadata.reply_to_message_id)
             idle.append(node)
-            update = reply_to_update(reply)
-            if update is None or server.version >= num_steps:
-                continue   # declined / failed, or the run is complete: nothing to submit
-            if server.submit(update) and evaluate_fn is not None and server.version % eval_every == 0:
+            update = _update_or_reject(reply, server)
+            if server.version >= num_steps:
+                continue   # the run is complete: nothing to submit
+            if update is None or not server.submit(update):
+                stall += 1   # declined, failed, rejected or waiting for more uploads
+                if stall >= stall_limit:
+                    raise FederationStalled(
+                        f"{server.name}: no server step in {stall_limit} replies (max_stall) at step "
+                        f"{server.version}; received {server.stats['received']}, accepted "
+                        f"{server.stats['accepted']}, rejected {dict(server.stats['rejected'])}. "
+                        + server.stall_note())
+                continue
+            stall = 0
+            if evaluate_fn is not None and server.version % eval_every == 0:
                 history.append({"step": server.version, "accuracy": evaluate_fn(server.version,
                                                                                 server.params)})
         dispatch()
     return {"steps": server.version, "history": history, "seconds": time.monotonic() - start,
             "staleness": dict(sorted(server.stats["staleness_consumed"].items())),
             "dropped_stale": server.stats["dropped_stale"], "pending": len(in_flight)}
-
-
-class DirectGrid(Grid):
-    """A Grid that runs a ClientApp in this process, one call per message, without Ray.
-
-    For tests and for stepping through the bridge in a debugger. ``delays`` (node →
-    number of pulls a reply waits) lets a test make some nodes slower than others.
-    """
-
-    def __init__(self, client_app: ClientApp, num_nodes: int, *, run_config: dict | None = None,
-                 delays: Mapping[int, int] | None = None):
-        ensure_task_identity()
-        self.client_app = client_app
-        # 64-bit unsigned ids on both sides of 2**63, like Flower's random node ids
-        self.node_ids = [(12345 + i * (2**62 + 7919)) % 2**64 for i in range(num_nodes)]
-        self.contexts = {nid: Context(run_id=1, node_id=nid,
-                                      node_config={"partition-id": i, "num-partitions": num_nodes},
-                                      state=RecordDict(), run_config=dict(run_config or {}))
-                         for i, nid in enumerate(self.node_ids)}
-        self.delays = dict(delays or {})
-        self._pending: dict[str, tuple[int, Message]] = {}
-        self._counter = 0
-
-    def set_run(self, run) -> None:  # noqa: ANN001 - part of the Grid interface
-        self._run = run
-
-    @property
-    def run(self):  # noqa: ANN201
-        return getattr(self, "_run", None)
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            self._counter += 1
-            mid = f"msg-{self._counter}"
-            msg.metadata.__dict__["_message_id"] = mid   # what the in-memory grid does
-            node = msg.metadata.dst_node_id
-            reply = self.client_app(msg, self.contexts[node])
-            self._pending[mid] = (self.delays.get(self.node_ids.index(node), 0), reply)
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        out = []
-        for mid in list(message_ids):
-            if mid not in self._pending:
-                continue
-            wait, reply = self._pending[mid]
-            if wait > 0:
-                self._pending[mid] = (wait - 1, reply)
-                continue
-            del self._pending[mid]
-            out.append(reply)
-        return out
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
-                         ) -> Iterable[Message]:
-        ids = list(self.push_messages(messages))
-        replies: list[Message] = []
-        while ids:
-            got = list(self.pull_messages(ids))
-            replies.extend(got)
-            done = {r.metadata.reply_to_message_id for r in got}
-            ids = [i for i in ids if i not in done]
-        return replies

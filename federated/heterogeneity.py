@@ -8,8 +8,15 @@
   jitter, latency and bandwidth. A job lasts ``2·latency + bytes/bandwidth +
   K·c_i``; staleness emerges from the clock.
 * `Faults`: a fraction of workers is faulty; each of their jobs, with
-  probability ``prob``, crashes mid-update, uploads NaN or inf, or uploads a
-  tensor of the wrong shape.
+  probability ``prob``, crashes mid-update, uploads NaN or inf, uploads a
+  tensor of the wrong shape, or (kind ``"huge"``, not in the default kinds) uploads
+  finite values of 3e38 that overflow any sum.
+* `Restarts`: how a worker's next job is scheduled once one lands — an optional
+  exponential wait (``jitter``) and the order in which jobs waiting for a free
+  slot (``max_concurrent``) are served (``"fifo"`` or ``"random"``). With the defaults
+  (no wait, first-in first-out) busy workers refresh in a near-fixed rotation; the
+  random variants break it, so an effect of the arrival process can be told apart
+  from an effect of the algorithm.
 
 All draws come from streams keyed by (seed, tag, worker[, job]).
 """
@@ -24,8 +31,11 @@ import torch
 from ..checks import fraction, non_negative_number, optional, positive_int, positive_number
 from .params import Params
 
-_STEPS, _SPEED, _JITTER, _FAULT_SET, _FAULT_JOB = 21, 22, 23, 24, 25
-FAULT_KINDS = ("crash", "nan", "inf", "shape")
+_STEPS, _SPEED, _JITTER, _FAULT_SET, _FAULT_JOB, _RESTART_WAIT, _RESTART_ORDER = 21, 22, 23, 24, 25, 26, 27
+DEFAULT_FAULT_KINDS = ("crash", "nan", "inf", "shape")
+FAULT_KINDS = (*DEFAULT_FAULT_KINDS, "huge")
+HUGE = 3e38   # finite in float32, but the sum of two overflows
+RESTART_ORDERS = ("fifo", "random")
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -140,7 +150,7 @@ class Speed:
 @dataclass
 class Faults:
     fraction: float = 0.3
-    kinds: tuple[str, ...] = FAULT_KINDS
+    kinds: tuple[str, ...] = DEFAULT_FAULT_KINDS
     prob: float = 1.0
 
     def __post_init__(self) -> None:
@@ -179,8 +189,49 @@ class Faults:
             t.reshape(-1)[-1] = float("inf")
         elif kind == "shape":
             t = torch.cat([t.reshape(-1), t.reshape(-1)[:1]])
+        elif kind == "huge":
+            t = torch.full_like(t, HUGE)
         out[name] = t
         return out
 
     def describe(self) -> dict:
         return {"fraction": self.fraction, "kinds": list(self.kinds), "prob": self.prob}
+
+
+@dataclass
+class Restarts:
+    """How workers restart: ``jitter`` is the mean of an exponential wait (virtual time) a worker
+    adds before its next job after one lands (0: none); ``order`` is which waiting job gets a
+    freed slot when ``max_concurrent`` is reached (``"fifo"``: the longest waiting, ``"random"``:
+    any, uniformly). Draws come from streams keyed by (seed, worker, job) and by the event
+    sequence number, so runs stay deterministic and resumable."""
+
+    jitter: float = 0.0
+    order: str = "fifo"
+
+    def __post_init__(self) -> None:
+        non_negative_number("restart jitter", self.jitter)
+        if self.order not in RESTART_ORDERS:
+            raise ValueError(f"restart order must be one of {list(RESTART_ORDERS)}, got {self.order!r}")
+
+    def bind(self, seed: int) -> None:
+        self.seed = seed
+
+    @property
+    def is_default(self) -> bool:
+        return self.jitter == 0 and self.order == "fifo"
+
+    def wait(self, worker: int, job: int) -> float:
+        """Extra wait before ``worker`` starts job number ``job``."""
+        if self.jitter == 0:
+            return 0.0
+        return float(_rng(self.seed, _RESTART_WAIT, worker, job).exponential(self.jitter))
+
+    def pick(self, waiting: int, seq: int) -> int:
+        """Index, in the waiting queue of length ``waiting``, of the job that starts next."""
+        if self.order == "fifo" or waiting == 1:
+            return 0
+        return int(_rng(self.seed, _RESTART_ORDER, seq).integers(waiting))
+
+    def describe(self) -> dict:
+        return asdict(self)

@@ -29,7 +29,7 @@ from .afa_cs import MemoryConfig, MemoryServer
 from .server import Update
 
 
-@dataclass
+@dataclass(frozen=True)
 class MIFAConfig(MemoryConfig):
     """MIFA's settings: no step until a fraction ``min_fraction`` of the devices have a slot.
     MIFA is round-based and averages the filled slots, so ``max_staleness=0``,
@@ -65,22 +65,36 @@ class MIFA(MemoryServer):
     Config = MIFAConfig
 
     def __init__(self, *, local_lr: float = 0.05, server_lr: float = 1.0, min_fraction: float = 1.0,
-                 resync_every: int = 100, cohort_size: int | None = None):
+                 resync_every: int = 100, cohort_size: int | None = None,
+                 max_update_norm: float | None = None):
         super().__init__(MIFAConfig(local_lr=local_lr, server_lr=server_lr, min_fraction=min_fraction,
-                                    resync_every=resync_every, cohort_size=cohort_size))
+                                    resync_every=resync_every, cohort_size=cohort_size,
+                                    max_update_norm=max_update_norm))
+
+    def _needed(self) -> int:
+        return max(1, math.ceil(self.settings.min_fraction * self.num_workers))
 
     def _slot_value(self, update: Update, g: torch.Tensor) -> torch.Tensor:
         return update.local_steps * g
 
     def _accept(self, update: Update, g: torch.Tensor) -> bool:
-        self._store(update, g)
-        self._record(update)
+        self._store_or_reject(update, g)
         return False
 
+    def _ready(self) -> bool:
+        return len(self.memory) >= self._needed()
+
     def flush(self) -> bool:
-        needed = max(1, math.ceil(self.min_fraction * self.num_workers))
-        if len(self.memory) < needed:
+        if not self._ready():
             # the round's uploads stay remembered; their staleness is recorded at the first step
             return False
-        self._take_step(self.server_lr * self.local_lr)
-        return True
+        return self._take_step(self.settings.server_lr * self.settings.local_lr)
+
+    def stall_note(self) -> str:
+        missing = [w for w in range(self.num_workers) if w not in self.memory]
+        if len(self.memory) >= self._needed():
+            return ""
+        names = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        return (f"MIFA takes no step until {self._needed()} of {self.num_workers} devices have a slot "
+                f"(min_fraction={self.settings.min_fraction}); {len(self.memory)} have one, workers "
+                f"{names} never delivered a valid upload (lower min_fraction)")

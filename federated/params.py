@@ -110,14 +110,6 @@ class ParamSpec:
                 "dtypes": [str(d) for d in self.dtypes]}
 
 
-def load_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``params`` into the model's parameters of the same names, in place."""
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in params.items():
-            named[name].copy_(value)
-
-
 def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """A short content hash, used to recognise a checkpoint's configuration."""
     h = hashlib.sha256()

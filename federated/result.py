@@ -1,4 +1,9 @@
-"""The result of a simulated federation: metrics, histograms, JSON and a plot."""
+"""The result of a simulated federation: metrics, histograms, JSON and a plot.
+
+Besides accuracy and traffic it records what the analysis of Anarchic Federated Learning
+(Yang et al., ICML 2022) bounds: the staleness of every consumed upload and, for memory
+servers (AFA-CS, MIFA), the age of every slot averaged by a step (``slot_age_histogram``).
+"""
 from __future__ import annotations
 
 import json
@@ -38,6 +43,12 @@ class SimulationResult:
     label_histograms: list[dict[int, int]] = field(default_factory=list)
     arrivals: list[dict] = field(default_factory=list)
     final_params: Params = field(default_factory=dict, repr=False)
+    failed: int = 0                           # jobs whose model or loss_fn raised
+    errors: list[str] = field(default_factory=list)   # their first distinct messages
+    slot_age_histogram: dict[int, int] = field(default_factory=dict)  # memory servers: age t − s of
+    # every slot a step averaged, summed over steps
+    kept_fresher_than_slot: int = 0           # uploads over τ_max kept because fresher than their slot
+    expired_slots: int = 0                    # slots dropped by max_slot_age
 
     @property
     def final_accuracy(self) -> float | None:
@@ -48,6 +59,17 @@ class SimulationResult:
     def participation_gini(self) -> float:
         return gini(self.participation)
 
+    @property
+    def slot_age_max(self) -> int | None:
+        """The oldest slot any step averaged (memory servers), else None."""
+        return max(self.slot_age_histogram) if self.slot_age_histogram else None
+
+    @property
+    def slot_age_mean(self) -> float | None:
+        hist = self.slot_age_histogram
+        total = sum(hist.values())
+        return sum(a * n for a, n in hist.items()) / total if total else None
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out.pop("final_params")
@@ -55,6 +77,7 @@ class SimulationResult:
         out["final_accuracy"] = self.final_accuracy
         out["staleness_histogram"] = {str(k): v for k, v in self.staleness_histogram.items()}
         out["staleness_at_arrival"] = {str(k): v for k, v in self.staleness_at_arrival.items()}
+        out["slot_age_histogram"] = {str(k): v for k, v in self.slot_age_histogram.items()}
         out["label_histograms"] = [{str(k): v for k, v in h.items()} for h in self.label_histograms]
         return out
 
@@ -74,6 +97,7 @@ class SimulationResult:
         raw.pop("final_accuracy")
         raw["staleness_histogram"] = {int(k): v for k, v in raw["staleness_histogram"].items()}
         raw["staleness_at_arrival"] = {int(k): v for k, v in raw["staleness_at_arrival"].items()}
+        raw["slot_age_histogram"] = {int(k): v for k, v in raw.get("slot_age_histogram", {}).items()}
         raw["label_histograms"] = [{int(k): v for k, v in h.items()} for h in raw["label_histograms"]]
         return cls(**raw)
 

@@ -6,26 +6,30 @@ Algorithm 1) on the trainable parameters, the version ``s`` of the model it star
 from, and the number of local steps ``K`` it actually ran. The server
 
 1. rejects malformed uploads (wrong keys, wrong shapes, non-float, NaN/inf,
-   ``K < 1``, unknown worker, a version from the future) and counts them by reason,
+   ``K < 1``, unknown worker, a version from the future, a norm over ``max_update_norm``)
+   and counts them by reason,
 2. computes the staleness ``τ = t − s`` against its own version ``t`` and applies
    the delay bound ``τ_max`` (the paper's bounded-delay assumption) with the policy
    ``"drop"`` (default: the update is discarded and counted), ``"accept"`` (no bound)
    or ``"clip"`` (accepted but counted as over the bound),
 3. hands the flattened ``G`` to the algorithm's rule (`_accept`), which decides
-   when to take a step ``x ← x − η · η_L · direction``.
+   when to take a step ``x ← x − η · η_L · direction``,
+4. checks the new model before committing a step: when it would hold a NaN or an infinity
+   (uploads of huge but finite values overflow the sum), the largest pending upload is
+   rejected (reason ``"overflow"``) and the step is recomputed without it.
 
 Servers work on one flat vector of the trainable parameters; frozen weights and
 buffers never reach them, so only what is trained is ever communicated.
 
-Each server's settings are a dataclass (`ServerConfig` and its subclasses) validated on
-construction; the server exposes every setting as an attribute, and assigning one
-re-validates the whole config.
+Each server's settings are one frozen dataclass (`ServerConfig` and its subclasses),
+validated once when it is made and read as ``server.settings.<name>``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Hashable, Mapping
 
 import torch
 
@@ -38,13 +42,24 @@ StalenessWeight = Callable[[int], float]
 
 @dataclass
 class Update:
-    """One upload from a worker."""
+    """One upload from a worker. Integer fields are checked when it is made: ``worker`` and
+    ``base_version`` are ints >= 0, ``local_steps`` and ``num_examples`` ints >= 1 (a bool is
+    not a count)."""
 
     worker: int
     delta: Params            # G = (x_s − y_K) / (η_L · K), named like the trainable params
     base_version: int        # s: version of the global model the worker started from
     local_steps: int         # K actually executed
     num_examples: int = 1    # |local data|, only used by weighting="num_examples"
+
+    def __post_init__(self) -> None:
+        non_negative_int("Update.worker", self.worker)
+        non_negative_int("Update.base_version", self.base_version)
+        positive_int("Update.local_steps (K)", self.local_steps)
+        positive_int("Update.num_examples", self.num_examples)
+        if not isinstance(self.delta, Mapping):
+            raise ValueError(f"Update.delta must be a dict of tensors named like the trainable parameters, "
+                             f"got {type(self.delta).__name__}")
 
     @property
     def nbytes(self) -> int:
@@ -62,7 +77,7 @@ def polynomial_staleness(exponent: float = 0.5) -> StalenessWeight:
     return weight
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerConfig:
     """Settings every server understands.
 
@@ -72,13 +87,19 @@ class ServerConfig:
         max_staleness: the delay bound τ_max, or None for no bound.
         stale_policy: what happens to an upload over the bound: ``"drop"``, ``"accept"``, ``"clip"``.
         staleness_weight: an optional discount ``s(τ)`` (e.g. `polynomial_staleness`).
+        max_update_norm: reject an upload whose ``‖G‖₂`` exceeds this bound (None: no bound).
     """
+
+    # settings added after checkpoints were written: left out of `to_dict` at their default,
+    # so the fingerprints of earlier runs still match
+    LATER: ClassVar[dict[str, Any]] = {"max_update_norm": None}
 
     local_lr: float = 0.05
     server_lr: float = 1.0
     max_staleness: int | None = 10
     stale_policy: str = "drop"
     staleness_weight: StalenessWeight | None = None
+    max_update_norm: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,42 +107,23 @@ class ServerConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` for a setting outside its allowed range (subclasses extend this)."""
         positive_number("local_lr (η_L)", self.local_lr)
-        positive_number("server_lr (η)", self.server_lr)
+        self.check_server_lr()
         optional(non_negative_int, "max_staleness", self.max_staleness)
         one_of("stale_policy", self.stale_policy, STALE_POLICIES)
         if self.staleness_weight is not None and not callable(self.staleness_weight):
             raise ValueError(f"staleness_weight must be a function of τ or None, got {self.staleness_weight!r}")
+        optional(positive_number, "max_update_norm", self.max_update_norm)
+
+    def check_server_lr(self) -> None:
+        positive_number("server_lr (η)", self.server_lr)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings; ``staleness_weight`` is written as its description."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if not (f.name in self.LATER and getattr(self, f.name) == self.LATER[f.name])}
         weight = out["staleness_weight"]
         out["staleness_weight"] = None if weight is None else getattr(weight, "describe", repr(weight))
         return out
-
-
-class _Setting:
-    """A server attribute backed by a field of the server's config; assigning re-validates."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, server: "Server | None", owner: type | None = None) -> Any:
-        if server is None:
-            return self
-        return getattr(server.settings, self.name)
-
-    def __set__(self, server: "Server", value: Any) -> None:
-        server.settings = dataclasses.replace(server.settings, **{self.name: value})
-
-
-def _expose_settings(cls: type) -> None:
-    for f in dataclasses.fields(cls.Config):
-        if not isinstance(cls.__dict__.get(f.name), _Setting) and not any(
-                isinstance(base.__dict__.get(f.name), _Setting) for base in cls.__mro__[1:]):
-            setting = _Setting()
-            setting.__set_name__(cls, f.name)
-            setattr(cls, f.name, setting)
 
 
 def _new_stats() -> dict:
@@ -136,17 +138,14 @@ class Server:
     """Base class: holds ``x``, the version ``t`` and the upload statistics.
 
     Built from its settings, either as keywords (``AFACD(local_lr=0.05, buffer_size=10)``) or
-    as a config object (``AFACD.from_config(AFACDConfig(...))``).
+    as a config object (``AFACD.from_config(AFACDConfig(...))``); ``server.settings`` is that
+    config.
     """
 
     name = "server"
     Config: ClassVar[type[ServerConfig]] = ServerConfig
     synchronous = False  # round-based servers step in `flush`, asynchronous ones in `submit`
     needs_warm_start = False  # AFACS(cs_init="warm_start") wants one update per worker at x_0
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _expose_settings(cls)
 
     def __init__(self, config: ServerConfig | None = None, /, **options: Any):
         if config is None:
@@ -165,6 +164,16 @@ class Server:
         server = cls.__new__(cls)
         Server.__init__(server, config)
         return server
+
+    @property
+    def local_lr(self) -> float:
+        """η_L: the step size the server asks its workers to use (read-only; see ``settings``)."""
+        return self.settings.local_lr
+
+    @property
+    def server_step(self) -> float:
+        """The server step size η in use (``settings.server_lr``; AFA-CS may derive it)."""
+        return self.settings.server_lr
 
     # -- set-up ---------------------------------------------------------------------------
     def init(self, params: Mapping[str, torch.Tensor], num_workers: int) -> "Server":
@@ -185,6 +194,10 @@ class Server:
         """The algorithm's name and its settings, JSON-ready (used to fingerprint checkpoints)."""
         return {"algorithm": self.name, **self.settings.to_dict()}
 
+    def stall_note(self) -> str:
+        """Why the server may be waiting (used in the simulator's no-progress error)."""
+        return ""
+
     # -- the global model -----------------------------------------------------------------
     @property
     def params(self) -> Params:
@@ -203,46 +216,108 @@ class Server:
         self.stats["received"] += 1
         reason = self._invalid(update, spec)
         if reason is not None:
-            _bump(self.stats["rejected"], reason)
+            self.reject(reason)
             return False
         tau = self.version - update.base_version
         _bump(self.stats["staleness_arrival"], tau)
-        if self.max_staleness is not None and tau > self.max_staleness:
-            if self.stale_policy == "drop":
-                self.stats["dropped_stale"] += 1
-                return False
-            if self.stale_policy == "clip":
+        if self.settings.max_staleness is not None and tau > self.settings.max_staleness:
+            if self.settings.stale_policy == "drop":
+                if not self._keep_stale(update):
+                    self.stats["dropped_stale"] += 1
+                    return False
+                _bump(self.stats, "kept_fresher_than_slot")
+            elif self.settings.stale_policy == "clip":
                 self.stats["over_bound_accepted"] += 1
         self.stats["accepted"] += 1
         return self._accept(update, spec.flatten(update.delta))
+
+    def reject(self, reason: str, *, was_accepted: bool = False) -> None:
+        """Count an upload refused for ``reason`` (one that was counted accepted is taken back)."""
+        _bump(self.stats["rejected"], reason)
+        if was_accepted:
+            self.stats["accepted"] -= 1
 
     def flush(self) -> bool:
         """End of a round for synchronous servers; asynchronous servers never step here."""
         return False
 
+    def _keep_stale(self, update: Update) -> bool:
+        """Memory servers keep an over-the-bound upload that is fresher than its slot."""
+        return False
+
     def _invalid(self, update: Update, spec: ParamSpec) -> str | None:
         if not (0 <= update.worker < self.num_workers):
             return "unknown_worker"
-        if not isinstance(update.local_steps, int) or update.local_steps < 1:
+        steps = update.local_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             return "local_steps"
         if update.base_version > self.version or update.base_version < 0:
             return "version"
-        return spec.check(update.delta)
+        reason = spec.check(update.delta)
+        if reason is None and self.settings.max_update_norm is not None:
+            norm = math.sqrt(sum(float(t.double().square().sum()) for t in update.delta.values()))
+            if not norm <= self.settings.max_update_norm:
+                return "norm"
+        return reason
 
     def _accept(self, update: Update, g: torch.Tensor) -> bool:
         raise NotImplementedError
 
     def _weight(self, tau: int) -> float:
-        return 1.0 if self.staleness_weight is None else float(self.staleness_weight(tau))
+        weight = self.settings.staleness_weight
+        return 1.0 if weight is None else float(weight(tau))
 
     def _consumed(self, worker: int, base_version: int) -> None:
         _bump(self.stats["staleness_consumed"], self.version - base_version)
         _bump(self.stats["consumed_per_worker"], worker)
 
-    def _step(self, direction: torch.Tensor, lr: float) -> None:
-        """``x ← x − lr · direction``; one server step, the version advances."""
-        self.x = self.x - lr * direction
-        self.version += 1
+    # -- steps ----------------------------------------------------------------------------
+    def _finite_or_reject(self, value: torch.Tensor, *others: torch.Tensor) -> bool:
+        """False (and the upload counted as ``"overflow"``) when ``value`` or a sum it enters
+        is not finite: a huge but finite upload must never reach the model."""
+        if all(bool(torch.isfinite(t).all()) for t in (value, *others)):
+            return True
+        self.reject("overflow", was_accepted=True)
+        return False
+
+    def _guarded_step(self, lr: float) -> bool:
+        """Take ``x ← x − lr · _direction()`` unless the new model would not be finite; then reject
+        the largest pending upload (``_pending_sizes`` / ``_discard``) and try again while the
+        server still has what it needs to step (``_ready``). True when a step was taken."""
+        while True:
+            new = self.x - lr * self._direction()
+            if bool(torch.isfinite(new).all()):
+                self._before_commit()
+                self.x = new
+                self.version += 1
+                return True
+            sizes = self._pending_sizes()
+            if not sizes:
+                raise FloatingPointError(
+                    f"{self.name}: the global model would become non-finite at step {self.version + 1} even "
+                    f"without this step's uploads (max |x| = {float(self.x.abs().max()):.3g}, step size "
+                    f"{lr:.3g}); lower server_lr or set max_update_norm")
+            worst = max(sizes, key=lambda item: item[1])[0]
+            self._discard(worst)
+            self.reject("overflow", was_accepted=True)
+            if not self._ready():
+                return False
+
+    def _direction(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _pending_sizes(self) -> list[tuple[Hashable, float]]:
+        """(key, size) of each upload that the next step would use for the first time."""
+        return []
+
+    def _discard(self, key: Hashable) -> None:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        return True
+
+    def _before_commit(self) -> None:
+        """Bookkeeping of the uploads a step consumes (staleness histograms)."""
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -266,11 +341,12 @@ class Server:
         pass
 
 
-_expose_settings(Server)
+def _bump(counter: dict, key, amount: int = 1) -> None:
+    counter[key] = counter.get(key, 0) + amount
 
 
-def _bump(counter: dict, key) -> None:
-    counter[key] = counter.get(key, 0) + 1
+def _norm(v: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(v.double()))
 
 
 def _copy(stats: dict) -> dict:

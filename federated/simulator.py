@@ -14,6 +14,18 @@ Synchronous servers (`FedAvg`, `MIFA`) run in rounds instead: the available
 workers are drawn from the participation model at the round's start, train on
 the current model, and the round lasts as long as its slowest member.
 
+By default a worker starts its next job as soon as one lands and jobs waiting for a
+free slot are served first-in first-out, so busy workers refresh in a near-fixed
+rotation; `Restarts` adds random waits or a random service order to tell an effect
+of that arrival process from an effect of the algorithm.
+
+Faults never hang or abort a run: a job whose ``loss_fn`` or model raises counts as a
+failed job (like a failed client in Flower), and a run in which ``max_stall`` events
+(rounds, for synchronous servers) pass without a server step stops with
+`FederationStalled` naming the reasons (every upload rejected, MIFA waiting for a
+device that never delivers, ...), or with a warning and ``stopped_early`` when
+``on_stall="stop"``.
+
 A worker is only its data indices, a job counter and a seed, so 1,000 workers
 cost one model copy plus the in-flight updates.
 """
@@ -34,8 +46,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..files import digest, fingerprint as config_fingerprint
-from ..checks import non_negative_int, optional, positive_int
-from .heterogeneity import Faults, FixedSteps, LocalSteps, Speed
+from ..checks import non_negative_int, one_of, optional, positive_int
+from .heterogeneity import Faults, FixedSteps, LocalSteps, Restarts, Speed
 from .params import Params, nbytes, tensor_digest, trainable_params
 from .participation import Bernoulli, Participation
 from .partition import IID, Partitioner, label_histograms
@@ -46,6 +58,19 @@ from .worker import LocalTrainer, WorkerCrash, dataset_tensors, forward, num_sam
 
 _JOB_SEED, _COHORT = 31, 32
 _START, _ARRIVE = 0, 1
+_MAX_ERRORS = 10   # distinct job error messages kept for the result
+STALL_POLICIES = ("raise", "stop")
+
+
+class FederationStalled(RuntimeError):
+    """No server step for ``max_stall`` events (or rounds): the run cannot make progress."""
+
+
+def default_max_stall(num_workers: int) -> int:
+    """Events (rounds for synchronous servers) without a server step before a run is stopped:
+    ``100 + 10·M``. A healthy run needs about 2 events per upload, and a step at most a
+    buffer of uploads; MIFA's warm-up needs about ``(M/cohort)·ln M`` rounds."""
+    return 100 + 10 * num_workers
 
 
 def _job_seed(seed: int, worker: int, job: int) -> int:
@@ -67,10 +92,11 @@ class _Federation:
     def __init__(self, server: Server, trainer: LocalTrainer, parts: list[np.ndarray], *,
                  participation: Participation, local_steps: LocalSteps, speed: Speed,
                  faults: Faults | None, max_concurrent: int | None, seed: int,
-                 record_arrivals: bool):
+                 record_arrivals: bool, restarts: Restarts | None = None):
         self.server, self.trainer, self.parts = server, trainer, parts
         self.participation, self.local_steps, self.speed, self.faults = (
             participation, local_steps, speed, faults)
+        self.restarts = restarts if restarts is not None else Restarts()
         self.max_concurrent, self.seed, self.record_arrivals = max_concurrent, seed, record_arrivals
         m = server.num_workers
         self.time = 0.0
@@ -81,7 +107,9 @@ class _Federation:
         self.jobs = [0] * m
         self.waiting: deque[int] = deque()
         self.busy = 0
-        self.counters = {"uplink_bytes": 0, "downlink_bytes": 0, "local_steps": 0, "crashed": 0}
+        self.counters = {"uplink_bytes": 0, "downlink_bytes": 0, "local_steps": 0, "crashed": 0, "failed": 0}
+        self.errors: list[str] = []   # distinct messages of failed jobs (the first few)
+        self.stall = 0                # events (or rounds) since the last server step
         self.accepted = [0] * m
         self.history: list[dict] = []
         self.arrivals: list[dict] = []
@@ -111,6 +139,13 @@ class _Federation:
             delta = None   # counted now; the server only notices that nothing arrives
             self.counters["local_steps"] += crash_at
             self.counters["crashed"] += 1
+        except Exception as err:  # noqa: BLE001 - a worker's failure must not end the federation
+            delta = None   # a failed job, as Flower counts a failed client
+            self.counters["failed"] += 1
+            message = f"worker {worker} job {job}: {type(err).__name__}: {err}"
+            if len(self.errors) < _MAX_ERRORS and not any(m.split(": ", 1)[1] == message.split(": ", 1)[1]
+                                                          for m in self.errors):
+                self.errors.append(message)
         if delta is not None and fault in ("nan", "inf", "shape"):
             delta = Faults.corrupt(delta, fault)
         up = nbytes(delta) if delta is not None else 0
@@ -149,7 +184,8 @@ class _Federation:
         return self.seq
 
     def schedule_next(self, worker: int) -> None:
-        t = self.participation.next_start(worker, self.time, self.jobs[worker])
+        job = self.jobs[worker]
+        t = self.participation.next_start(worker, self.time + self.restarts.wait(worker, job), job)
         if t is not None:
             self.push(t, _START, worker)
 
@@ -174,7 +210,11 @@ class _Federation:
         stepped = self.deliver(job)
         self.schedule_next(worker)
         while self.waiting and (self.max_concurrent is None or self.busy < self.max_concurrent):
-            self.start(self.waiting.popleft())
+            pick = self.restarts.pick(len(self.waiting), self.seq)
+            self.waiting.rotate(-pick)
+            chosen = self.waiting.popleft()
+            self.waiting.rotate(pick)
+            self.start(chosen)
         return stepped
 
     # -- round-based engine -----------------------------------------------------------------
@@ -200,7 +240,7 @@ class _Federation:
             "jobs": list(self.jobs), "waiting": list(self.waiting), "busy": self.busy,
             "counters": dict(self.counters), "accepted": list(self.accepted),
             "history": list(self.history), "arrivals": list(self.arrivals),
-            "server": self.server.state_dict(),
+            "server": self.server.state_dict(), "errors": list(self.errors), "stall": self.stall,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -211,7 +251,9 @@ class _Federation:
         self.jobs = [int(j) for j in state["jobs"]]
         self.waiting = deque(int(w) for w in state["waiting"])
         self.busy = int(state["busy"])
-        self.counters = dict(state["counters"])
+        self.counters = {"failed": 0, **state["counters"]}
+        self.errors = list(state.get("errors", []))
+        self.stall = int(state.get("stall", 0))
         self.accepted = [int(a) for a in state["accepted"]]
         self.history = list(state["history"])
         self.arrivals = list(state["arrivals"])
@@ -307,6 +349,9 @@ def simulate(
     progress: bool = True,
     eval_groups: str | np.ndarray | list[int] | None = None,
     eval_batch_size: int = 1024,
+    restarts: Restarts | None = None,
+    max_stall: int | None = None,
+    on_stall: str = "raise",
 ) -> SimulationResult:
     """Run ``steps`` server steps of ``algorithm`` with ``num_workers`` anarchic workers.
 
@@ -323,6 +368,13 @@ def simulate(
     scores every class of the labels, and that an adapter on the model has trainable
     tensors. ``eval_groups`` (``"labels"``, or a group id per test sample such as its
     task) adds the accuracy of each group to every evaluation (``group_accuracy``).
+
+    ``restarts`` (`Restarts`) randomises how workers restart (a jittered wait, a random
+    service order of waiting jobs). A job whose model or ``loss_fn`` raises is a failed job
+    (``result.failed``, its message in ``result.errors``). After ``max_stall`` events (rounds
+    for synchronous servers) without a server step (default `default_max_stall`:
+    ``100 + 10·num_workers``) the run raises `FederationStalled` with the reasons, or with
+    ``on_stall="stop"`` warns and returns with ``stopped_early=True``.
     """
     positive_int("num_workers", num_workers)
     non_negative_int("steps", steps)
@@ -330,6 +382,11 @@ def simulate(
     positive_int("eval_batch_size", eval_batch_size)
     optional(positive_int, "max_concurrent", max_concurrent)
     optional(positive_int, "checkpoint_every", checkpoint_every)
+    optional(positive_int, "max_stall", max_stall)
+    one_of("on_stall", on_stall, STALL_POLICIES)
+    if restarts is not None and not isinstance(restarts, Restarts):
+        raise ValueError(f"restarts must be a lifelong.federated.Restarts or None, got {restarts!r}")
+    stall_limit = max_stall if max_stall is not None else default_max_stall(num_workers)
     participation = participation if participation is not None else Bernoulli(1.0)
     local_steps = local_steps if local_steps is not None else FixedSteps(5)
     speed = speed if speed is not None else Speed()
@@ -346,6 +403,8 @@ def simulate(
     local_steps.bind(num_workers, seed, speed.bind(num_workers, seed))
     if faults is not None:
         faults.bind(num_workers, seed)
+    if restarts is not None:
+        restarts.bind(seed)
 
     x0 = trainable_params(model)
     check_adapter_trainable(model)
@@ -354,7 +413,7 @@ def simulate(
     trainer = LocalTrainer(model, inputs, labels, batch_size=batch_size, loss_fn=loss_fn)
     fed = _Federation(server, trainer, parts, participation=participation, local_steps=local_steps,
                       speed=speed, faults=faults, max_concurrent=max_concurrent, seed=seed,
-                      record_arrivals=record_arrivals)
+                      record_arrivals=record_arrivals, restarts=restarts)
     config = {
         "algorithm": server.config(), "num_workers": num_workers, "seed": seed,
         "partition": partition.describe(), "participation": participation.describe(),
@@ -368,6 +427,8 @@ def simulate(
     }
     if groups is not None:   # only then: checkpoints of runs without groups keep their fingerprint
         config["eval_groups"] = digest(groups.astype(np.int64).tobytes())
+    if restarts is not None and not restarts.is_default:   # likewise
+        config["restarts"] = restarts.describe()
     fingerprint = config_fingerprint(config)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     every = checkpoint_every or eval_every
@@ -405,14 +466,24 @@ def simulate(
             if participation.exhausted(fed.time):
                 stopped_early = True
                 break
-            stepped = fed.round_step(getattr(server, "cohort_size", None))
+            stepped = fed.round_step(getattr(server.settings, "cohort_size", None))
         else:
             if not fed.queue:
                 stopped_early = True   # nobody will ever upload again
                 break
             stepped = fed.event()
         if not stepped:
+            fed.stall += 1
+            if fed.stall >= stall_limit:
+                message = _stall_message(fed, server, stall_limit)
+                if on_stall == "raise":
+                    bar.close()
+                    raise FederationStalled(message)
+                warnings.warn(message + "; stopping (on_stall='stop')", RuntimeWarning, stacklevel=2)
+                stopped_early = True
+                break
             continue
+        fed.stall = 0
         bar.update(1)
         if server.version % eval_every == 0 or server.version == steps:
             evaluate()
@@ -432,8 +503,27 @@ def simulate(
         dropped_stale=stats["dropped_stale"], rejected=dict(stats["rejected"]),
         crashed=fed.counters["crashed"], steps=server.version, virtual_time=fed.time,
         stopped_early=stopped_early, label_histograms=label_histograms(label_array, parts),
-        arrivals=fed.arrivals, final_params=server.params,
+        arrivals=fed.arrivals, final_params=server.params, failed=fed.counters["failed"],
+        errors=list(fed.errors), slot_age_histogram=dict(sorted(stats.get("slot_age", {}).items())),
+        kept_fresher_than_slot=int(stats.get("kept_fresher_than_slot", 0)),
+        expired_slots=int(stats.get("expired_slots", 0)),
     )
+
+
+def _stall_message(fed: _Federation, server: Server, limit: int) -> str:
+    """Why a federation made no progress: what happened to the uploads since the last step."""
+    stats = server.stats
+    unit = "rounds" if server.synchronous else "events"
+    parts = [f"{server.name}: no server step in {limit} {unit} (max_stall) at step {server.version}",
+             f"uploads received {stats['received']}, accepted {stats['accepted']}, "
+             f"dropped as stale {stats['dropped_stale']}, rejected {dict(stats['rejected'])}",
+             f"jobs crashed {fed.counters['crashed']}, failed {fed.counters['failed']}"]
+    if fed.errors:
+        parts.append("first job error: " + fed.errors[0])
+    note = server.stall_note()
+    if note:
+        parts.append(note)
+    return "; ".join(parts)
 
 
 def _begin(fed: _Federation, server: Server, participation: Participation) -> None:

@@ -202,14 +202,30 @@ def test_invalid_uploads_are_rejected_and_counted_never_averaged():
         Update(0, {"x": torch.zeros(4)}, 0, 1),
         Update(0, {"y": torch.zeros(D)}, 0, 1),
         Update(9, {"x": torch.zeros(D)}, 0, 1),
-        Update(0, {"x": torch.zeros(D)}, 0, 0),
         Update(0, {"x": torch.zeros(D)}, 3, 1),
     ]
     for u in bad:
         assert not cd.submit(u)
+    # a K that is not a count cannot even be built into an Update; one changed afterwards is rejected
+    forged = Update(0, {"x": torch.zeros(D)}, 0, 1)
+    forged.local_steps = 0
+    assert not cd.submit(forged)
     assert cd.stats["rejected"] == {"nonfinite": 2, "shape": 1, "keys": 1, "unknown_worker": 1,
                                     "local_steps": 1, "version": 1}
     assert cd.buffer == [] and cd.version == 0
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(local_steps=True), "local_steps"), (dict(local_steps=0), "local_steps"),
+    (dict(local_steps=2.0), "local_steps"), (dict(num_examples=-3), "num_examples"),
+    (dict(num_examples=False), "num_examples"), (dict(worker=-1), "worker"),
+    (dict(base_version=-2), "base_version"), (dict(delta=torch.zeros(D)), "delta"),
+])
+def test_update_refuses_values_that_are_not_counts(fields, match):
+    args = dict(worker=0, delta={"x": torch.zeros(D)}, base_version=0, local_steps=1, num_examples=4)
+    with pytest.raises(ValueError, match=match):
+        Update(**{**args, **fields})
+    assert Update(**{**args, "local_steps": np.int64(3)}).local_steps == 3   # numpy ints are counts
 
 
 def test_fedbuff_divides_by_buffer_size_with_staleness_weights():

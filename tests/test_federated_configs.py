@@ -24,7 +24,7 @@ SERVERS = [(fl.AFACD, AFACDConfig), (fl.AFACS, AFACSConfig), (fl.FedAvg, FedAvgC
 @pytest.mark.parametrize("server_cls, config_cls", SERVERS)
 def test_each_server_has_a_dataclass_config_with_the_constructor_defaults(server_cls, config_cls):
     assert server_cls.Config is config_cls and issubclass(config_cls, ServerConfig)
-    assert dataclasses.is_dataclass(config_cls)
+    assert dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen
     server = server_cls()
     assert isinstance(server.settings, config_cls)
     defaults = config_cls()
@@ -35,7 +35,6 @@ def test_each_server_has_a_dataclass_config_with_the_constructor_defaults(server
             assert value(3) == param.default(3), name
         else:
             assert value == param.default, name
-        assert getattr(server, name) == getattr(server.settings, name)
     assert server.config() == {"algorithm": server.name, **server.settings.to_dict()}
 
 
@@ -64,28 +63,39 @@ def test_config_dicts_are_unchanged_so_checkpoint_fingerprints_still_match():
     (lambda: FedAvgConfig(max_staleness=3), "synchronous"),
     (lambda: MIFAConfig(min_new=2), "MIFA fixes"),
     (lambda: fl.polynomial_staleness(-1.0), "exponent"),
+    (lambda: fl.AFACS(server_lr=0.0), "server_lr"),
+    (lambda: fl.AFACS(max_slot_age=-1), "max_slot_age"),
+    (lambda: fl.FedAvg(max_update_norm=0.0), "max_update_norm"),
 ])
 def test_bad_settings_fail_with_their_name(build, match):
     with pytest.raises(ValueError, match=match):
         build()
 
 
-def test_settings_are_attributes_and_assigning_one_revalidates():
+def test_settings_are_a_frozen_config_validated_once():
     server = fl.AFACD(buffer_size=4)
-    server.buffer_size = 2
-    assert server.buffer_size == 2 and server.config()["buffer_size"] == 2
+    assert server.settings.buffer_size == 4 and server.config()["buffer_size"] == 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        server.settings.buffer_size = 2
+    assert not hasattr(server, "buffer_size")          # no per-setting attributes or descriptors
     with pytest.raises(ValueError, match="buffer_size"):
-        server.buffer_size = 0
-    assert server.buffer_size == 2
-    server.init({"x": torch.zeros(3)}, 2)
-    for worker in (0, 1):   # the new buffer size is what the server uses
+        dataclasses.replace(server.settings, buffer_size=0)
+    server.init({"x": torch.zeros(3)}, 4)
+    for worker in range(4):   # the configured buffer size is what the server uses
         stepped = server.submit(fl.Update(worker, {"x": torch.ones(3)}, 0, 1))
     assert stepped and server.version == 1
+    assert server.local_lr == server.settings.local_lr == 0.05
+
+
+def test_settings_added_later_stay_out_of_the_config_dict_at_their_default():
+    assert "max_update_norm" not in fl.AFACD().config()
+    assert fl.AFACD(max_update_norm=5.0).config()["max_update_norm"] == 5.0
+    assert "max_slot_age" not in fl.MIFA().config() and fl.AFACS(max_slot_age=3).config()["max_slot_age"] == 3
 
 
 def test_a_server_is_built_from_its_config_object():
     server = fl.AFACS.from_config(AFACSConfig(min_new=3, cs_init="zeros"))
-    assert (server.min_new, server.cs_init) == (3, "zeros") and isinstance(server, fl.AFACS)
+    assert (server.settings.min_new, server.settings.cs_init) == (3, "zeros") and isinstance(server, fl.AFACS)
     with pytest.raises(TypeError, match="AFACSConfig"):
         fl.AFACS.from_config(MemoryConfig())
     with pytest.raises(TypeError, match="AFACDConfig"):
@@ -103,6 +113,8 @@ def test_a_server_is_built_from_its_config_object():
     (lambda: fl.FixedSteps(True), "local steps"),
     (lambda: fl.Speed(bandwidth=0.0), "bandwidth must be None or"),
     (lambda: fl.Faults(prob=2.0), "prob"),
+    (lambda: fl.Restarts(jitter=-1.0), "jitter"),
+    (lambda: fl.Restarts(order="lifo"), "order"),
 ])
 def test_other_federated_settings_use_the_shared_checks(build, match):
     with pytest.raises(ValueError, match=match):

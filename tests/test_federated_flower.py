@@ -12,6 +12,7 @@ import lifelong.federated as fl
 
 flower = pytest.importorskip("lifelong.federated.flower", reason="needs the lifelong[federated] extra")
 from flwr.app import Error, Message, MetricRecord, RecordDict  # noqa: E402
+from flower_doubles import DirectGrid, PartitionedData  # noqa: E402
 
 d = load_digits()
 X = torch.tensor(d.data / 16.0, dtype=torch.float32)
@@ -36,7 +37,7 @@ def test_importing_lifelong_federated_does_not_import_flwr():
 
 def test_round_based_strategy_matches_a_direct_replay():
     worker = flower.FlowerWorker(model_fn, data_fn, seed=7)
-    grid = flower.DirectGrid(flower.make_client_app(worker), NODES)
+    grid = DirectGrid(flower.make_client_app(worker), NODES)
     lr, eta = 0.1, 2.0
     strategy = flower.AFAStrategy(fl.AFACD(local_lr=lr, server_lr=eta, buffer_size=NODES),
                                   num_workers=NODES, max_local_steps=3, seed=7)
@@ -64,7 +65,7 @@ def test_round_based_strategy_matches_a_direct_replay():
 
 def test_nodes_that_decline_send_nothing_and_the_model_stays():
     worker = flower.FlowerWorker(model_fn, data_fn, participation=0.0)
-    grid = flower.DirectGrid(flower.make_client_app(worker), NODES)
+    grid = DirectGrid(flower.make_client_app(worker), NODES)
     strategy = flower.AFAStrategy(fl.AFACS(local_lr=0.1), num_workers=NODES)
     messages = strategy.configure_train(1, flower.params_to_record(fl.trainable_params(model_fn())),
                                         None, grid)
@@ -88,7 +89,7 @@ def test_error_replies_are_skipped():
 
 def test_event_driven_loop_produces_staleness_from_slow_nodes():
     worker = flower.FlowerWorker(model_fn, data_fn, seed=1)
-    grid = flower.DirectGrid(flower.make_client_app(worker), NODES, delays={0: 3, 1: 0, 2: 1, 3: 0})
+    grid = DirectGrid(flower.make_client_app(worker), NODES, delays={0: 3, 1: 0, 2: 1, 3: 0})
     server = fl.AFACD(local_lr=0.1, server_lr=2.0, buffer_size=2, max_staleness=1)
     server.init(fl.trainable_params(model_fn()), NODES)
     accuracy = []
@@ -108,8 +109,14 @@ def test_event_driven_loop_produces_staleness_from_slow_nodes():
 
 
 @pytest.mark.slow
-def test_event_driven_loop_on_flowers_ray_simulation_engine():
+def test_event_driven_loop_on_flowers_ray_simulation_engine(monkeypatch):
     pytest.importorskip("ray")
+    import os
+    from pathlib import Path
+
+    # the Ray actors unpickle PartitionedData by module name: let them import tests/flower_doubles
+    tests_dir = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -129,7 +136,7 @@ def test_event_driven_loop_on_flowers_ray_simulation_engine():
 
     parts = fl.IID().split(Y[:300].numpy(), 3, 0)
     worker = flower.FlowerWorker(functools.partial(nn.Linear, 64, 10),
-                                 flower.PartitionedData(X[:300], Y[:300], parts))
+                                 PartitionedData(X[:300], Y[:300], parts))
     run_simulation(server_app=server_app, client_app=flower.make_client_app(worker), num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     assert out["steps"] == 4

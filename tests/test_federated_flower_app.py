@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("lifelong.federated.flower", reason="needs the lifelong[federated] extra")
 from flwr.app import Context, RecordDict  # noqa: E402
 
-from lifelong.federated.flower import DirectGrid  # noqa: E402
+from flower_doubles import DirectGrid  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cl_benchmark"

@@ -17,8 +17,8 @@ def _server(cfg: dict) -> fl.Server:
                   max_staleness=int(cfg["max-staleness"]))
     if cfg["algorithm"] == "afa_cd":
         return fl.AFACD(buffer_size=int(cfg["buffer-size"]), **common)
-    if cfg["algorithm"] == "afa_cs":
-        return fl.AFACS(**common)
+    if cfg["algorithm"] == "afa_cs":   # η derived from the federation (stable when slots refresh in rotation)
+        return fl.AFACS(local_lr=common["local_lr"], max_staleness=common["max_staleness"])
     raise ValueError(f"algorithm must be 'afa_cd' or 'afa_cs', got {cfg['algorithm']!r}")
 
 
