@@ -5,8 +5,10 @@ adapter, methods, seeds) or a federation (``kind: federated``: data, model, opti
 partition, participation, local steps, algorithms, seeds). Every (method, seed) pair is a *cell*;
 each finished cell is stored as JSON under ``cells/`` (and a running cell checkpoints beside it),
 so ``--resume`` never recomputes finished work; a cell file that is empty or corrupt (an
-interrupted copy, a full disk) is recomputed with a warning naming it. The output folder must be
-writable: that is checked before any work. The report (``results.json``, ``report.md`` and PNG
+interrupted copy, a full disk) is recomputed with a warning naming it. Every value of the config
+is checked when it is loaded (types, ranges, finite numbers, distinct seeds; the stream and the
+federated objects are built once as a dry run), so a config that cannot run fails before anything
+is written. The output folder must be writable: that is checked before any work. The report (``results.json``, ``report.md`` and PNG
 plots, see ``lifelong.report``) is written from the cells at the end.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import shutil
 import time
 import warnings
@@ -23,7 +26,8 @@ from typing import Any, Callable
 
 import yaml
 
-from .files import atomic_write_text, check_writable, fingerprint
+from .checks import non_negative_int, positive_int
+from .files import atomic_write_text, check_writable, fingerprint, json_text
 from .report import CorruptCell, load_cell, write_report
 
 COMMON_KEYS = {"kind", "name", "seeds", "model", "adapter"}
@@ -32,11 +36,9 @@ SECTION_KEYS = {
     "federated": COMMON_KEYS | {"data", "federation", "partition", "participation", "local_steps", "speed", "algorithms"},
 }
 REQUIRED = {"continual": {"stream", "methods"}, "federated": {"algorithms"}}
-TRAINING_KEYS = {"epochs": int, "lr": float, "batch_size": int, "optimizer": str, "engine": str,
-                 "adapter_mode": str, "calibration_samples": int, "forward_transfer": bool,
-                 # text streams only
-                 "max_length": int, "template": str, "route": str}
 TEXT_TRAINING_KEYS = ("max_length", "template", "route")
+#: ``run_stream`` settings a ``training:`` section may not hold: the seeds are the top-level ``seeds``
+NOT_TRAINING_KEYS = ("seed",)
 FEDERATION_KEYS = {"num_workers": int, "steps": int, "batch_size": int, "eval_every": int, "max_concurrent": int}
 
 
@@ -84,17 +86,42 @@ def validate(config: dict) -> dict:
     missing = sorted(REQUIRED[kind] - set(config))
     if missing:
         raise ConfigError(f"config of kind {kind!r} is missing {missing}")
+    check_finite_numbers(config, "config")
     out = dict(config)
     out.setdefault("name", kind)
+    if not isinstance(out["name"], str) or not out["name"]:
+        raise ConfigError(f"name must be a non-empty string, got {out['name']!r}")
     out["seeds"] = check_seeds(config.get("seeds", [0]))
     out["model"] = named_section(config.get("model", {"name": "mlp"}), "model")
     out["adapter"] = None if config.get("adapter") is None else named_section(config["adapter"], "adapter")
     if out["adapter"] is not None:
-        import lifelong
-
-        if out["adapter"]["name"] not in lifelong.available():
-            raise ConfigError(f"adapter.name: unknown adapter {out['adapter']['name']!r}; allowed: {lifelong.available()}")
+        check_adapter(out["adapter"])
     return validate_continual(out) if kind == "continual" else validate_federated(out)
+
+
+def check_finite_numbers(value: Any, where: str) -> None:
+    """Refuse NaN and infinite numbers anywhere in the config (``lr: .nan`` would train NaN weights)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite_numbers(item, f"{where}.{key}" if where != "config" else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_finite_numbers(item, f"{where}[{i}]")
+
+
+def check_adapter(adapter: dict) -> None:
+    """The adapter is registered and its options make a valid config."""
+    import lifelong
+    from .adapters.registry import make_config
+
+    if adapter["name"] not in lifelong.available():
+        raise ConfigError(f"adapter.name: unknown adapter {adapter['name']!r}; allowed: {lifelong.available()}")
+    try:
+        make_config(adapter["name"], **adapter["options"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"adapter.options: {err}") from err
 
 
 def validate_continual(config: dict) -> dict:
@@ -102,8 +129,11 @@ def validate_continual(config: dict) -> dict:
 
     config["stream"] = named_section(config["stream"], "stream", allowed=sorted(STREAMS))
     config["methods"] = method_list(config["methods"], "methods", METHODS)
-    config["training"] = typed_section(config.get("training", {}), TRAINING_KEYS, "training")
+    config["training"] = check_training(config.get("training", {}), config["adapter"])
     check_stream_and_model(config)
+    check_stream_options(config["stream"])
+    if config["model"]["name"] in DIGITS_MODEL_NAMES:
+        check_digits_model(config["model"])
     task_aware = config["stream"]["options"].get("task_incremental") or config["stream"]["options"].get("task_labels")
     if config["adapter"] and config["adapter"]["name"] == "clr" and not task_aware:
         raise ConfigError("adapter 'clr' routes by task id: the stream needs task ids "
@@ -141,18 +171,126 @@ def check_stream_and_model(config: dict) -> None:
             raise ConfigError(f"model.options.auto_class must be one of {list(AUTO_CLASSES)}, got {auto!r}")
 
 
+def training_keys() -> tuple[str, ...]:
+    """The keys a ``training:`` section may hold: ``RunConfig``'s plain settings but the seed."""
+    from .continual.config import SCALAR_KEYS
+
+    return tuple(k for k in SCALAR_KEYS if k not in NOT_TRAINING_KEYS)
+
+
+def check_training(section: Any, adapter: dict | None) -> dict:
+    """Check a ``training:`` section with :class:`lifelong.continual.config.RunConfig`, which
+    validates every run setting; its errors become ``ConfigError`` naming ``training.<key>``."""
+    from dataclasses import fields
+
+    from .continual.config import RunConfig
+
+    if not isinstance(section, dict):
+        raise ConfigError(f"training must be a mapping, got {section!r}")
+    check_keys(section, set(training_keys()), "training")
+    annotations = {f.name: f.type for f in fields(RunConfig)}
+    for key, value in section.items():
+        check_annotated_type(f"training.{key}", value, annotations[key])
+    try:
+        RunConfig(**section, adapter=adapter["name"] if adapter else None,
+                  adapter_options=adapter["options"] if adapter else {})
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        named = message.split(" ", 1)[0].split("=", 1)[0] in section
+        raise ConfigError(f"training.{message}" if named else f"training: {message}") from err
+    return dict(section)
+
+
+def check_annotated_type(where: str, value: Any, annotation: Any) -> None:
+    """``value`` is of the plain type a dataclass field is annotated with (``int``, ``float``,
+    ``bool``, ``str``, optionally ``| None``); other annotations are left to the dataclass."""
+    text = str(annotation)
+    optional = text.endswith(" | None")
+    expected = {"int": int, "float": float, "bool": bool, "str": str}.get(text.removesuffix(" | None"))
+    if expected is None or (optional and value is None):
+        return
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected) and not isinstance(value, bool)
+    if not ok:
+        raise ConfigError(f"{where} must be {expected.__name__}{' or null' if optional else ''}, got {value!r}")
+
+
+def check_stream_options(stream: dict) -> None:
+    """The stream's options are parameters of its builder, and building it works (a quick dry
+    run: the digits streams take milliseconds), so a bad value fails before anything is written."""
+    builder = _streams()[stream["name"]]
+    check_options(builder, stream["options"], "stream.options")
+    try:
+        builder(**stream["options"])
+    except (TypeError, ValueError, OSError) as err:
+        raise ConfigError(f"stream {stream['name']!r}: {err}") from err
+
+
+def check_digits_model(model: dict) -> None:
+    """A digits model's options are known (``hidden``, ``channels``, ``classes``) and positive integers."""
+    from .models import DIGITS_MODELS
+
+    check_options(DIGITS_MODELS[model["name"]], model["options"], "model.options")
+    for key, value in model["options"].items():
+        checked(positive_int, f"model.options.{key}", value)
+
+
+def checked(check: Callable[..., None], *args: Any) -> None:
+    """Run a :mod:`lifelong.checks` check, its ``ValueError`` becoming a ``ConfigError``."""
+    try:
+        check(*args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def validate_federated(config: dict) -> dict:
     from . import federated as fl
 
     config["data"] = named_section(config.get("data", {"name": "digits"}), "data", allowed=["digits"])
+    check_data(config["data"]["options"])
     config["algorithms"] = method_list(config["algorithms"], "algorithms", tuple(ALGORITHMS))
     config["federation"] = typed_section(config.get("federation", {}), FEDERATION_KEYS, "federation")
+    for key, value in config["federation"].items():
+        checked(positive_int, f"federation.{key}", value)
     for key, table in (("partition", PARTITIONS), ("participation", PARTICIPATIONS), ("local_steps", LOCAL_STEPS)):
         if config.get(key) is not None:
             config[key] = named_section(config[key], key, allowed=sorted(table))
+            dry_build(table, config[key], key)
+    for spec in config["algorithms"]:
+        dry_build(ALGORITHMS, spec, f"algorithms ({spec['label']})")
     if config.get("speed") is not None:
         check_options(fl.Speed, config["speed"], "speed")
+        try:
+            fl.Speed(**config["speed"])
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"speed: {err}") from err
+    if config["model"]["name"] not in DIGITS_MODEL_NAMES:
+        raise ConfigError(f"model.name must be one of {list(DIGITS_MODEL_NAMES)} for a federation of digits, "
+                          f"got {config['model']['name']!r}")
+    check_digits_model(config["model"])
     return config
+
+
+def check_data(options: dict) -> None:
+    """``data.options`` of the digits: ``seed`` (an integer >= 0) and ``test_size`` in (0, 1)."""
+    check_options(digits_datasets, options, "data.options")
+    if "seed" in options:
+        checked(non_negative_int, "data.options.seed", options["seed"])
+    size = options.get("test_size", 0.3)
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size < 1:
+        raise ConfigError(f"data.options.test_size must be a number in (0, 1), got {size!r}")
+
+
+def dry_build(table: dict[str, str], section: dict, where: str) -> None:
+    """Build the federated object ``section`` names once, so that bad options fail now."""
+    try:
+        build(table, section, where)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
 
 
 def check_keys(section: dict, allowed: set[str], where: str) -> None:
@@ -162,10 +300,15 @@ def check_keys(section: dict, allowed: set[str], where: str) -> None:
 
 
 def check_seeds(seeds: Any) -> list[int]:
+    """An integer >= 0 or a non-empty list of distinct ones (a repeated seed would count one run twice)."""
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"seeds must be an int or a non-empty list of ints, got {seeds!r}")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                          for s in seeds):
+        raise ConfigError(f"seeds must be an integer >= 0 or a non-empty list of them, got {seeds!r}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"seeds must be distinct (each seed is one run), got {seeds!r}: {repeated} repeated")
     return seeds
 
 
@@ -385,7 +528,7 @@ def prepare_output(output: Path, config: dict, resume: bool, overwrite: bool) ->
     elif output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ConfigError(f"output {str(output)!r} is not empty and holds no lifelong run; pick an empty folder")
     (output / "cells").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(str(marker), json.dumps({"fingerprint": fingerprint(config), "config": config}, indent=2, default=str))
+    atomic_write_text(str(marker), json_text({"fingerprint": fingerprint(config), "config": config}, indent=2))
 
 
 def run_experiment(config: dict, output: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -419,8 +562,9 @@ def run_experiment(config: dict, output: str | Path, *, resume: bool = False, ov
         workdir.mkdir(exist_ok=True)
         result = RUNNERS[config["kind"]](config, cell, workdir, progress=progress)
         record = {"label": cell.label, "seed": cell.seed, "result": result}
-        atomic_write_text(str(path), json.dumps(record, default=str))
-        finished.append(json.loads(json.dumps(record, default=str)))  # as a resumed run reads it back
+        text = json_text(record)
+        atomic_write_text(str(path), text)
+        finished.append(json.loads(text))  # as a resumed run reads it back
         shutil.rmtree(workdir, ignore_errors=True)
         computed += 1
     return write_report(output, config, finished)

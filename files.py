@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -52,6 +53,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """Strict JSON of ``value``: NaN and infinities become ``null`` (``json.dumps`` would write the
+    bare ``NaN`` that strict parsers refuse); values JSON cannot hold are written with ``str``."""
+    return json.dumps(_finite_or_none(value), indent=indent, default=str, allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def digest(data: bytes) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write_text
+from .files import atomic_write_text, json_text
 
 CONTINUAL_METRICS = ("acc", "forgetting", "bwt", "fwt", "wall_time_s")
 FEDERATED_METRICS = ("final_accuracy", "best_accuracy", "uplink_mb", "dropped_stale", "participation_gini", "wall_time_s")
@@ -225,7 +225,7 @@ def write_report(output: Path, config: dict, cells: list[dict] | None = None) ->
     metrics = CONTINUAL_METRICS if config["kind"] == "continual" else FEDERATED_METRICS
     plots = (continual_plots if config["kind"] == "continual" else federated_plots)(output, config, cells)
     results = {"config": config, "versions": versions(), "summary": summary, "best": best, "cells": cells}
-    atomic_write_text(str(output / "results.json"), json.dumps(results, indent=2, default=str))
+    atomic_write_text(str(output / "results.json"), json_text(results, indent=2))
     table = markdown_table(summary, best, metrics)
     seeds = ", ".join(map(str, config["seeds"]))
     text = [f"# {config['name']}", "",

@@ -93,7 +93,7 @@ def test_federated_run(tmp_path: Path) -> None:
     ({"training": {"lr": "fast"}}, r"training.lr must be float"),
     ({"seeds": []}, "seeds must be"),
     ({"adapter": {"name": "clr"}}, "needs task ids"),
-    ({"adapter": {"name": "lora"}}, r"unknown adapter 'lora'"),
+    ({"adapter": {"name": "no_such_adapter"}}, r"unknown adapter 'no_such_adapter'"),
     ({"methods": ["naive", "naive"]}, "distinct 'label'"),
 ])
 def test_config_errors_name_the_key(tmp_path: Path, change: dict, message: str) -> None:
