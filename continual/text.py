@@ -5,8 +5,20 @@ O-LoRA (Wang et al., "Orthogonal Subspace Learning for Language Model Continual 
 Findings 2023) and MIGU (Du et al., "Unlocking Continual Learning Abilities in Language Models",
 EMNLP Findings 2024): ``<folder>/**/<task>/{train,test,labels}.json`` where ``train.json`` and
 ``test.json`` are lists of ``{"sentence": ..., "label": ...}`` and ``labels.json`` lists the
-task's label texts. ``text_stream(tasks)`` builds the same stream from memory or from Hugging
-Face ``datasets.Dataset`` objects.
+task's label texts. ``text_stream(tasks)`` builds the same stream from memory (lists, or dicts of
+plain lists) or from Hugging Face ``datasets.Dataset`` objects.
+
+Labels: a task's labels are all ``str``, all ``int``, all ``float`` or all ``bool``. Without a
+given label list, numbers sort numerically (``[10, 2, -1]`` gives the classes -1, 2, 10) and texts
+as text; each distinct value is one class, shown by ``str(value)``. A task that mixes ints and
+floats (``0`` and ``0.0``) is refused rather than merged: in practice it means that the labels went
+through a float column (pandas with missing values) or that two sources disagree, and silently
+choosing either one class or two would hide that. ``None``, NaN and other objects are refused.
+With a given label list (the fifth item of a task tuple, a dict's ``"labels"``, ``labels.json``
+or a ``ClassLabel`` feature) the classes keep its order; int labels with a list of texts index it
+(the ``ClassLabel`` convention), otherwise labels and list must have one type. Texts must be
+``str``; a single ``str`` where a list of texts or labels belongs is refused (it is not split into
+characters).
 
 Every task's labels are mapped into one global class space, in stream order (task 0's labels get
 ids 0..k0-1, task 1's the next ones, ...); ``share_labels=True`` gives equal label texts of
@@ -22,7 +34,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
+import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,6 +66,7 @@ ORDERS: dict[str, list[str]] = {
     "text4": ["agnews", "amazon", "SST-2", "IMDB"],
 }
 HELD_OUT = 0.2  # fraction of a task's train file held out as its test set when it has no test.json
+TEMPLATE_FIELDS = ("text", "task")  # the placeholders an instruction template may name
 
 
 @dataclass
@@ -105,13 +122,15 @@ class TextStream:
                 "scenario": self.scenario, "fingerprint": self.fingerprint()}
 
     def to_benchmark(self, tokenizer, max_length: int = 128, template: str = "{text}"):
-        """Tokenize every task once and return an Avalanche benchmark of packed ``(2, L)`` samples."""
+        """Tokenize every task once and return an Avalanche benchmark of packed ``(2, L)`` samples.
+        ``template`` formats each text: ``{text}`` is the text, ``{task}`` the task's name (e.g.
+        ``"{task}: {text}"``, as the papers' prompts name the task)."""
         from .streams import benchmark_from_tensors
 
         check_max_length(max_length)
         check_template(template)
-        train_ids = [tokenize(tokenizer, t.train_texts, max_length, template) for t in self.tasks]
-        test_ids = [tokenize(tokenizer, t.test_texts, max_length, template) for t in self.tasks]
+        train_ids = [tokenize(tokenizer, t.train_texts, max_length, template, task=t.name) for t in self.tasks]
+        test_ids = [tokenize(tokenizer, t.test_texts, max_length, template, task=t.name) for t in self.tasks]
         width = max(len(seq) for part in (*train_ids, *test_ids) for seq in part)
         train = [(pack(ids, width), torch.tensor(t.train_labels)) for ids, t in zip(train_ids, self.tasks)]
         test = [(pack(ids, width), torch.tensor(t.test_labels)) for ids, t in zip(test_ids, self.tasks)]
@@ -128,16 +147,32 @@ def check_max_length(max_length: Any) -> None:
     positive_int("max_length (tokens per sequence)", max_length)
 
 
+def template_fields(template: str) -> set[str]:
+    """The placeholders a format string names (``{text}``, ``{task}``, ...)."""
+    try:
+        return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as err:
+        raise ValueError(f"template {template!r} is not a valid format string ({err}); write a literal brace "
+                         "as '{{' or '}}'") from None
+
+
 def check_template(template: Any) -> None:
     if not isinstance(template, str) or "{text}" not in template:
-        raise ValueError(f"template must be a str containing '{{text}}', got {template!r}")
+        raise ValueError(f"template must be a str containing '{{text}}' (and optionally '{{task}}'), got {template!r}")
+    unknown = sorted(template_fields(template) - set(TEMPLATE_FIELDS))
+    if unknown:
+        raise ValueError(f"template {template!r} names {unknown}; it may only name {{text}} and {{task}}")
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int, template: str = "{text}") -> list[list[int]]:
-    """Token ids of each text (truncated to ``max_length``, unpadded)."""
+def tokenize(tokenizer, texts: list[str], max_length: int, template: str = "{text}",
+             task: str | None = None) -> list[list[int]]:
+    """Token ids of each text formatted by ``template`` (truncated to ``max_length``, unpadded);
+    ``task`` fills a ``{task}`` placeholder."""
+    if "task" in template_fields(template) and task is None:
+        raise ValueError(f"template {template!r} names {{task}}: pass the task's name (task=...)")
     if not texts:
         return []
-    encoded = tokenizer([template.format(text=t) for t in texts], truncation=True, max_length=max_length)
+    encoded = tokenizer([template.format(text=t, task=task) for t in texts], truncation=True, max_length=max_length)
     return [list(ids) for ids in encoded["input_ids"]]
 
 
@@ -173,7 +208,7 @@ def find_tasks(folder: str | os.PathLike) -> dict[str, Path]:
     return found
 
 
-def _read_items(path: Path) -> list[tuple[str, str]]:
+def _read_items(path: Path) -> list[tuple[str, Any]]:
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -185,17 +220,17 @@ def _read_items(path: Path) -> list[tuple[str, str]]:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("sentence"), str) or "label" not in item:
             raise ValueError(f"{path}: item {i} must be a mapping with a str 'sentence' and a 'label', got {item!r:.200}")
-        out.append((item["sentence"], str(item["label"])))
+        out.append((item["sentence"], item["label"]))
     return out
 
 
-def _read_labels(path: Path) -> list[str]:
+def _read_labels(path: Path) -> list[Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (every task folder needs labels.json, the list of its label texts)")
     labels = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(labels, list) or not labels or len(set(map(str, labels))) != len(labels):
         raise ValueError(f"{path}: expected a non-empty list of distinct label texts, got {labels!r:.200}")
-    return [str(label) for label in labels]
+    return labels
 
 
 def _stratified(labels: np.ndarray, per_class: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -252,14 +287,10 @@ def cl_benchmark(folder: str | os.PathLike, tasks: Sequence[str] | str, n_train:
     raw = []
     for i, name in enumerate(tasks):
         path = found[name]
-        labels = _read_labels(path / "labels.json")
-        train = _read_items(path / "train.json")
-        test = _read_items(path / "test.json") if (path / "test.json").is_file() else None
-        for file, items in (("train.json", train), ("test.json", test or [])):
-            for j, (_, label) in enumerate(items):
-                if label not in labels:
-                    raise ValueError(f"{path / file}: item {j} has label {label!r}, which is not in "
-                                     f"labels.json {labels}")
+        given = _read_labels(path / "labels.json")
+        labels, train = _file_labels(path / "train.json", _read_items(path / "train.json"), given)
+        test_file = path / "test.json"
+        test = _file_labels(test_file, _read_items(test_file), given)[1] if test_file.is_file() else None
         rng = np.random.default_rng([seed, i])
         y = np.array([labels.index(label) for _, label in train])
         if test is None:
@@ -273,6 +304,81 @@ def cl_benchmark(folder: str | os.PathLike, tasks: Sequence[str] | str, n_train:
         raw.append((name, labels, train, test))
     return _build(raw, task_incremental, share_labels, {"folder": str(folder), "seed": seed,
                                                        "n_train": n_train, "n_test": n_test})
+
+
+def _file_labels(path: Path, items: list[tuple[str, Any]], given: list[Any]) -> tuple[list[str], list[tuple[str, str]]]:
+    """A benchmark file's items with their labels as class texts, and the task's class texts."""
+    kind, values = label_values([label for _, label in items], f"{path}: item", "label")
+    text_of = class_texts(kind, given, str(path.parent / "labels.json"))
+    for j, value in enumerate(values):
+        if value not in text_of:
+            raise ValueError(f"{path}: item {j} has label {items[j][1]!r}, which is not in labels.json {given}")
+    return list(text_of.values()), [(sentence, text_of[v]) for (sentence, _), v in zip(items, values)]
+
+
+# ---- labels ------------------------------------------------------------------------------------
+
+LABEL_TYPES = {"str": str, "bool": bool, "int": int, "float": float}  # a label's kind -> its plain value
+
+
+def _label_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, numbers.Integral):
+        return "int"
+    if isinstance(value, numbers.Real) and math.isfinite(value):
+        return "float"
+    return None
+
+
+def as_list(values: Any, where: str) -> list:
+    """A list of the items of ``values`` (a list, tuple, array, tensor or any iterable), refusing a bare str."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{where} must be a list, got a single {type(values).__name__} {values!r:.60} "
+                        "(wrap it in a list)")
+    if isinstance(values, (np.ndarray, torch.Tensor)):
+        return values.tolist()
+    try:
+        return list(values)
+    except TypeError:
+        raise TypeError(f"{where} must be a list, got {type(values).__name__}") from None
+
+
+def label_values(labels: Any, where: str, noun: str = "label") -> tuple[str | None, list]:
+    """Labels as plain str / int / float / bool values and their one kind (None when empty);
+    ``where`` + `` <index>`` names a bad item."""
+    labels = as_list(labels, f"{where}s")
+    first: dict[str, int] = {}
+    for i, value in enumerate(labels):
+        kind = _label_kind(value)
+        if kind is None:
+            error = ValueError if isinstance(value, numbers.Real) else TypeError
+            raise error(f"{where} {i} is {value!r}: a {noun} is a str, an int, a float or a bool (not None or NaN)")
+        first.setdefault(kind, i)
+    if len(first) > 1:
+        found = ", ".join(f"{kind} ({labels[i]!r} at {i})" for kind, i in first.items())
+        raise ValueError(f"{where}s mix types: {found}; give a task's {noun}s one type (an int and a float such as "
+                         "0 and 0.0 are not merged into one class)")
+    kind = next(iter(first), None)
+    return kind, [LABEL_TYPES[kind](v) for v in labels]
+
+
+def class_texts(kind: str | None, given: Any, where: str, values: list | None = None) -> dict[Any, str]:
+    """Label value -> class text, in class order: the ``given`` label list's, or (``given`` None)
+    the sorted distinct ``values`` (numbers numerically). Ints with a list of texts index it."""
+    if given is None:
+        return {v: str(v) for v in sorted(set(values or []))}
+    given_kind, names = label_values(given, f"{where} label text", "label text")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: the label texts must be distinct, got {names}")
+    if given_kind == "str" and kind == "int":  # the ClassLabel convention: an int is a position in the list
+        return dict(enumerate(names))
+    if kind is not None and kind != given_kind:
+        raise ValueError(f"{where}: the labels are {kind}s but the label list {names} holds {given_kind}s; "
+                         "give both one type (ints may also index a list of label texts)")
+    return {v: str(v) for v in names}
 
 
 def _build(raw: list[tuple[str, list[str], list, list]], task_incremental: bool, share_labels: bool,
@@ -295,55 +401,78 @@ def _build(raw: list[tuple[str, list[str], list, list]], task_incremental: bool,
 
 # ---- streams from memory or Hugging Face datasets ----------------------------------------------
 
-def _columns(dataset, where: str) -> tuple[list[str], list[str], list[str] | None]:
-    """Texts, label texts and (when the dataset names them) every label text of a ``datasets.Dataset``."""
-    names = list(getattr(dataset, "column_names", []))
+def _columns(data: Any, where: str) -> tuple[Any, Any, list | None]:
+    """Texts, labels and (for a ``ClassLabel`` feature) the label texts of a ``datasets.Dataset``
+    or of a dict of plain lists."""
+    if isinstance(data, Mapping):
+        names = list(data)
+    elif hasattr(data, "column_names"):
+        names = list(data.column_names)
+    else:
+        raise TypeError(f"{where}: expected a datasets.Dataset or a dict of lists "
+                        f"({{'text': [...], 'label': [...]}}), got {type(data).__name__}")
     text_col = next((c for c in ("sentence", "text") if c in names), None)
     if text_col is None or "label" not in names:
         raise ValueError(f"{where}: a dataset needs a 'sentence' or 'text' column and a 'label' column, "
                          f"got columns {names}")
-    labels = list(dataset["label"])
-    feature = getattr(dataset, "features", {}).get("label")
+    features = getattr(data, "features", None)
+    feature = features.get("label") if isinstance(features, Mapping) else None
     label_names = list(feature.names) if hasattr(feature, "names") else None
-    if label_names is not None:
-        labels = [label_names[int(v)] for v in labels]
-    return [str(t) for t in dataset[text_col]], [str(v) for v in labels], label_names
+    return data[text_col], data["label"], label_names
+
+
+def _texts(texts: Any, where: str) -> list[str]:
+    texts = as_list(texts, f"{where} texts")
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"{where} text {bad} is {type(texts[bad]).__name__} {texts[bad]!r:.60}, expected a str")
+    return [str(t) for t in texts]
+
+
+def _task_parts(spec: Any, where: str, index: int) -> tuple[str, Any, Any, Any, Any, Any]:
+    """``(name, train texts, train labels, test texts, test labels, label list or None)`` of one task."""
+    if isinstance(spec, Mapping) and {"train", "test"} <= set(spec):
+        tr_x, tr_y, names = _columns(spec["train"], f"{where} train")
+        te_x, te_y, _ = _columns(spec["test"], f"{where} test")
+        given = spec.get("labels")
+        return str(spec.get("name") or f"task{index}"), tr_x, tr_y, te_x, te_y, names if given is None else given
+    if isinstance(spec, (tuple, list)) and len(spec) in (4, 5):
+        return (f"task{index}", *spec[:4], spec[4] if len(spec) == 5 else None)
+    raise TypeError(f"{where}: expected (train_texts, train_labels, test_texts, test_labels[, label_texts]) "
+                    f"or {{'name', 'train': Dataset or dict of lists, 'test': ...[, 'labels']}}, "
+                    f"got {type(spec).__name__}")
 
 
 def _task_from(spec: Any, index: int) -> tuple[str, list[str], list, list]:
     where = f"text_stream: task {index}"
-    if isinstance(spec, dict) and {"train", "test"} <= set(spec):
-        name = str(spec.get("name", f"task{index}"))
-        tr_x, tr_y, names = _columns(spec["train"], f"{where} train")
-        te_x, te_y, _ = _columns(spec["test"], f"{where} test")
-        labels = names if names is not None else sorted(set(tr_y) | set(te_y))
-    elif isinstance(spec, (tuple, list)) and len(spec) in (4, 5):
-        tr_x, tr_y, te_x, te_y = (list(part) for part in spec[:4])
-        tr_y, te_y = [str(v) for v in tr_y], [str(v) for v in te_y]
-        labels = [str(v) for v in spec[4]] if len(spec) == 5 else sorted(set(tr_y) | set(te_y))
-        name = f"task{index}"
-    else:
-        raise TypeError(f"{where}: expected (train_texts, train_labels, test_texts, test_labels[, label_texts]) "
-                        f"or {{'name', 'train': Dataset, 'test': Dataset}}, got {type(spec).__name__}")
+    name, tr_x, tr_y, te_x, te_y, given = _task_parts(spec, where, index)
+    tr_x, te_x = _texts(tr_x, f"{where} train"), _texts(te_x, f"{where} test")
+    tr_kind, tr_y = label_values(tr_y, f"{where} train label")
+    te_kind, te_y = label_values(te_y, f"{where} test label")
     if len(tr_x) != len(tr_y) or len(te_x) != len(te_y):
         raise ValueError(f"{where}: {len(tr_x)} train texts but {len(tr_y)} labels, "
                          f"{len(te_x)} test texts but {len(te_y)} labels")
     if not tr_x or not te_x:
         raise ValueError(f"{where}: the train and the test part each need at least one text")
-    unknown = sorted((set(tr_y) | set(te_y)) - set(labels))
+    if tr_kind != te_kind:
+        raise ValueError(f"{where}: the train labels are {tr_kind}s and the test labels {te_kind}s; give both one type")
+    text_of = class_texts(tr_kind, given, where, tr_y + te_y)
+    unknown = sorted(set(tr_y + te_y) - set(text_of))
     if unknown:
-        raise ValueError(f"{where}: labels {unknown} are not among its label texts {labels}")
-    return name, labels, list(zip(map(str, tr_x), tr_y)), list(zip(map(str, te_x), te_y))
+        raise ValueError(f"{where}: labels {unknown} are not among its label texts {list(text_of.values())}")
+    return (name, list(text_of.values()), [(x, text_of[y]) for x, y in zip(tr_x, tr_y)],
+            [(x, text_of[y]) for x, y in zip(te_x, te_y)])
 
 
 def text_stream(tasks: Sequence[Any], names: Sequence[str] | None = None, task_incremental: bool = True,
                 share_labels: bool = False) -> TextStream:
     """A :class:`TextStream` from in-memory tasks or Hugging Face datasets.
 
-    Each task is ``(train_texts, train_labels, test_texts, test_labels)`` (labels as texts or ints;
-    a fifth item lists the task's label texts in order) or ``{"name": ..., "train": Dataset,
-    "test": Dataset}`` with a ``sentence``/``text`` column and a ``label`` column (a ``ClassLabel``
-    feature gives the label texts).
+    Each task is ``(train_texts, train_labels, test_texts, test_labels)`` (labels as texts or
+    numbers, see the module docstring; a fifth item lists the task's labels in class order) or
+    ``{"name": ..., "train": ..., "test": ...[, "labels": [...]]}`` whose parts are Hugging Face
+    ``datasets.Dataset`` objects or dicts of plain lists, each with a ``sentence``/``text`` column
+    and a ``label`` column (a ``ClassLabel`` feature gives the label texts).
     """
     if not tasks:
         raise ValueError("text_stream: no tasks given")
