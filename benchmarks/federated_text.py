@@ -16,7 +16,8 @@ Setting (every number below is a command-line option):
   τ_max = 10 (drop); plain SGD, η_L = 0.3, batch 8.
 * rows: every method consumes 5 uploads per server step (FedAvg cohort 5, FedBuff K_b = 5,
   MIFA cohort 5 of the available devices, AFA-CD m = 5, AFA-CS min_new = 5), so server steps
-  and uploads are proportional; AFA η = 1 (``--afa-eta``). η = mean K = 2, which gives AFA-CD
+  and uploads are proportional; AFA-CD η = 1 (``--afa-eta``); AFA-CS uses its derived default
+  η = c(P)/(2P) = 0.123 (P = M/min_new = 20; ``--afa-cs-eta`` sets it instead). η = mean K = 2, which gives AFA-CD
   FedAvg's step length, diverged to chance accuracy at α = 0.1 for AFA-CD and AFA-CS: AFA applies
   stale uploads (τ up to τ_max = 10) without FedBuff's 1/√(1+τ) discount, so it needs the
   smaller step.
@@ -104,7 +105,7 @@ def algorithm(row: str, args):
         return fl.MIFA(local_lr=lr, server_lr=1.0, min_fraction=0.0, cohort_size=m)
     if row.startswith("AFA-CD"):
         return fl.AFACD(local_lr=lr, server_lr=eta, buffer_size=m)
-    return fl.AFACS(local_lr=lr, server_lr=eta, min_new=m)
+    return fl.AFACS(local_lr=lr, server_lr=args.afa_cs_eta, min_new=m)
 
 
 def run_cell(task: tuple) -> dict:
@@ -117,7 +118,7 @@ def run_cell(task: tuple) -> dict:
     from lifelong.models import load_minilm
     from peft import LoraConfig, get_peft_model
 
-    cache = torch.load(Path(out) / "cache.pt", weights_only=False)
+    cache = torch.load(Path(out) / "cache.pt", weights_only=True)
     labels = cache["y_train"].numpy()
     partition = fl.Dirichlet(alpha, over="workers")
     parts = partition.split(labels, args.workers, seed)
@@ -152,7 +153,9 @@ def summarise(res, server, p, parts, labels, seconds: float) -> dict:
     if hasattr(server, "memory_version"):
         ages = [server.version - v for v in server.memory_version.values()]
         memory = {"slots_filled": len(ages), "slot_age_mean": float(np.mean(ages)) if ages else None,
-                  "slot_age_max": int(max(ages)) if ages else None}
+                  "slot_age_max": int(max(ages)) if ages else None,
+                  "averaged_age_mean": res.slot_age_mean, "averaged_age_max": res.slot_age_max,
+                  "kept_fresher_than_slot": res.kept_fresher_than_slot, "server_lr": server.server_step}
     return {"history": res.history, "final_accuracy": res.final_accuracy, "steps": res.steps,
             "staleness": {str(k): v for k, v in res.staleness_histogram.items()},
             "dropped_stale": res.dropped_stale, "rejected": res.rejected, "participation": res.participation,
@@ -278,7 +281,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=15)
     parser.add_argument("--beta", type=float, default=0.9)
     parser.add_argument("--fault-seeds", type=int, default=1)
-    parser.add_argument("--afa-eta", type=float, default=1.0, help="AFA-CD / AFA-CS server step size η")
+    parser.add_argument("--afa-eta", type=float, default=1.0, help="AFA-CD server step size η")
+    parser.add_argument("--afa-cs-eta", type=float, default=None,
+                        help="AFA-CS server step size η (default: derived from the federation, 0.123 here)")
     parser.add_argument("--quick", action="store_true", help="10 steps, 1 seed, α = 0.1 (a smoke run)")
     args = parser.parse_args()
     if args.quick:
@@ -298,6 +303,8 @@ def main() -> None:
     base_tag = "_".join(f"{v}" for v in cfg.values())
 
     def tag_of(row: str) -> str:   # AFA rows also depend on η
+        if row.startswith("AFA-CS"):
+            return base_tag + f"_cseta{args.afa_cs_eta if args.afa_cs_eta is not None else 'auto'}"
         return base_tag + (f"_eta{args.afa_eta}" if row.startswith("AFA") else "")
     todo, results = [], {}
     for alpha in args.alphas:

@@ -35,14 +35,14 @@ def main() -> None:
                    local_steps=fl.UniformSteps(1, 10), speed=fl.Speed(sigma=0.5),
                    max_concurrent=20, eval_every=10, seed=0)
     for algorithm in (fl.AFACD(local_lr=0.1, server_lr=5.0, buffer_size=10),
-                      fl.AFACS(local_lr=0.1, server_lr=5.0, min_new=10)):
+                      fl.AFACS(local_lr=0.1, min_new=10)):   # η derived from M and min_new (stable)
         torch.manual_seed(0)
         result = fl.simulate(nn.Linear(64, 10), train, algorithm,
                              checkpoint=out / f"{algorithm.name}.ckpt", **anarchy)
         result.save(out / algorithm.name)
-        print(f"{algorithm.name}: accuracy {result.final_accuracy:.3f}, staleness "
-              f"{result.staleness_histogram}, dropped {result.dropped_stale}, "
-              f"participation Gini {result.participation_gini:.2f}")
+        print(f"{algorithm.name} (η = {algorithm.server_step:.3g}): accuracy {result.final_accuracy:.3f}, "
+              f"staleness {result.staleness_histogram}, dropped {result.dropped_stale}, "
+              f"participation Gini {result.participation_gini:.2f}, slot age max {result.slot_age_max}")
 
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))

@@ -98,7 +98,8 @@ def refresh_period(num_workers: int, min_new: int) -> int:
 def default_server_lr(num_workers: int, min_new: int) -> float:
     """AFA-CS's default ``η = min(1, c(P)/(2P))`` (see the module docstring for the derivation)."""
     period = refresh_period(num_workers, min_new)
-    return min(1.0, rotation_bound(period) / (2 * period))
+    # c(1) = 2 and c(2) = 4 exactly; the bisection lands a hair below them
+    return min(1.0, round(rotation_bound(period) / (2 * period), 9))
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ class _Federation:
             if len(self.errors) < _MAX_ERRORS and not any(m.split(": ", 1)[1] == message.split(": ", 1)[1]
                                                           for m in self.errors):
                 self.errors.append(message)
-        if delta is not None and fault in ("nan", "inf", "shape"):
+        if delta is not None and fault in ("nan", "inf", "shape", "huge"):
             delta = Faults.corrupt(delta, fault)
         up = nbytes(delta) if delta is not None else 0
         duration = self.speed.duration(worker, job, steps, spec.nbytes, up)
