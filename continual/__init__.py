@@ -1,51 +1,61 @@
-"""Continual learning: streams, methods (MIGU, CLASSP, power-law rehearsal, KCL/GKCL), metrics, runner.
+"""Continual learning: streams, the hook protocol, registered methods, engines, metrics, ``run_stream``.
 
 Streams are Avalanche benchmarks of tensors (the digits streams) or text streams of real tasks
 (``cl_benchmark``, ``text_stream``) that ``run_stream`` trains any Hugging Face transformer on.
 
-The framework-free cores import only torch; the Avalanche bridges (``MIGUPlugin``,
-``PowerLawReplayPlugin``, ``KCLStrategy``, ...) live in :mod:`lifelong.continual.avalanche_bridge`
-and are loaded on first access, because ``import avalanche`` takes seconds. The Hugging Face
-``MIGUCallback`` is loaded the same way.
+Layout: :mod:`.hooks` (the protocol every method and adapter mode implements), :mod:`.registry`
+(``@register_method``), :mod:`.methods` (one file per method), :mod:`.adapter_modes`,
+:mod:`.engines` (native, Avalanche, ``transformers.Trainer``), :mod:`.runner` (``run_stream``) and
+:mod:`.model` (the trained model: ``result.model``, ``load_model``). The Avalanche and Trainer
+bridges (``MIGUPlugin``, ``MethodPlugin``, ``KCLStrategy``, ``ContinualCallback``, ...) are loaded on
+first access, because ``import avalanche`` takes seconds.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .classp import CLASSP, ClasspMethod
-from .gkcl import GKCL, ConditionalVAE, supcon_loss
-from .kcl import KCL, kernel_matrix, krr_logits
-from .method import AvalancheBaseline, ContinualMethod
+from .config import RunConfig
+from .hooks import Context, ContinualMethod, HookError, MethodConfig
+from .methods.classp import CLASSP, ClasspMethod
+from .methods.ewc import EWC
+from .methods.gkcl import GKCL, ConditionalVAE, supcon_loss
+from .methods.kcl import KCL, kernel_matrix, krr_logits
+from .methods.lwf import LwF
+from .methods.migu import MIGU, migu_mask
+from .methods.naive import Naive
+from .methods.powerlaw import PowerLawReplay, rehearsal_schedule, rehearsal_weights
+from .methods.replay import Replay
 from .metrics import (AccuracyMatrix, accuracy, average_accuracy, average_forgetting, avalanche_forgetting,
                       backward_transfer, forward_transfer, summarize)
-from .migu import MIGU, migu_mask
-from .powerlaw_replay import PowerLawReplay, rehearsal_schedule, rehearsal_weights
+from .model import ContinualModel, load_model
+from .registry import available_methods, register_method
 from .result import StreamResult
-from .runner import ADAPTER_MODES, AVALANCHE_BASELINES, METHODS, method_object, run_stream
-from .streams import benchmark_from_tensors, permuted_digits, rotated_digits, split_digits
+from .runner import run_stream
 from .stdlib_text import stdlib_stream
+from .streams import benchmark_from_tensors, permuted_digits, rotated_digits, split_digits
 from .text import ORDERS, TextStream, TextTask, cl_benchmark, text_stream
 from .text_model import TextClassifier, VerbalizerLoss
 
 _LAZY = {
-    "MIGUPlugin": "avalanche_bridge",
-    "PowerLawReplayPlugin": "avalanche_bridge",
-    "TaskMaskPlugin": "avalanche_bridge",
-    "KCLStrategy": "avalanche_bridge",
-    "make_strategy": "avalanche_bridge",
-    "MIGUCallback": "hf_bridge",
-    "ContinualTrainer": "hf_bridge",
+    "MethodPlugin": "engines.avalanche",
+    "MIGUPlugin": "engines.avalanche",
+    "PowerLawReplayPlugin": "engines.avalanche",
+    "TaskMaskPlugin": "engines.avalanche",
+    "KCLStrategy": "engines.avalanche",
+    "make_strategy": "engines.avalanche",
+    "ContinualCallback": "engines.trainer",
+    "ContinualTrainer": "engines.trainer",
 }
 
 __all__ = [
-    "ADAPTER_MODES", "AVALANCHE_BASELINES", "METHODS", "ORDERS", "AccuracyMatrix", "AvalancheBaseline", "CLASSP",
-    "ClasspMethod", "ConditionalVAE", "ContinualMethod", "GKCL", "KCL", "MIGU", "TextClassifier", "TextStream",
-    "TextTask", "VerbalizerLoss", "cl_benchmark", "method_object", "stdlib_stream", "text_stream",
-    "PowerLawReplay", "StreamResult", "accuracy", "average_accuracy", "average_forgetting",
-    "avalanche_forgetting", "backward_transfer", "benchmark_from_tensors", "forward_transfer", "kernel_matrix",
-    "krr_logits", "migu_mask", "permuted_digits", "rehearsal_schedule", "rehearsal_weights", "rotated_digits",
-    "run_stream", "split_digits", "summarize", "supcon_loss", *_LAZY,
+    "AccuracyMatrix", "CLASSP", "ClasspMethod", "ConditionalVAE", "Context", "ContinualMethod", "ContinualModel",
+    "EWC", "GKCL", "HookError", "KCL", "LwF", "MIGU", "MethodConfig", "Naive", "ORDERS", "PowerLawReplay", "Replay",
+    "RunConfig", "StreamResult", "TextClassifier", "TextStream", "TextTask", "VerbalizerLoss", "accuracy",
+    "available_methods", "average_accuracy", "average_forgetting", "avalanche_forgetting", "backward_transfer",
+    "benchmark_from_tensors", "cl_benchmark", "forward_transfer", "kernel_matrix", "krr_logits", "load_model",
+    "migu_mask", "permuted_digits", "register_method", "rehearsal_schedule", "rehearsal_weights", "rotated_digits",
+    "run_stream", "split_digits", "stdlib_stream", "summarize", "supcon_loss", "text_stream", *_LAZY,
 ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from ..checks import non_negative_int, one_of, positive_int
@@ -67,7 +67,7 @@ class RunConfig:
     """
 
     adapter: Any = None
-    adapter_options: dict = field(default_factory=dict)
+    adapter_options: dict | None = None
     adapter_mode: str | None = None
     task_inference: str | None = None
     calibration_samples: int = 256
@@ -93,8 +93,9 @@ class RunConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "calibration_samples", "max_length"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "calibration_samples"):
             positive_int(name, getattr(self, name))
+        positive_int("max_length (tokens per sequence)", self.max_length)
         non_negative_int("seed", self.seed)
         _finite_positive("lr", self.lr)
         for name in ("resume", "progress", "forward_transfer"):
@@ -110,8 +111,10 @@ class RunConfig:
         if not (self.adapter is None or isinstance(self.adapter, str) or callable(self.adapter)):
             raise ValueError(f"adapter must be a registry name, a factory callable(model, experience) -> model or "
                              f"None, got {type(self.adapter).__name__}")
-        if not isinstance(self.adapter_options, dict):
-            raise ValueError(f"adapter_options must be a dict, got {type(self.adapter_options).__name__}")
+        if self.adapter_options is not None and not isinstance(self.adapter_options, dict):
+            raise ValueError(f"adapter_options must be a dict or None, got {type(self.adapter_options).__name__}")
+        if self.adapter_options and self.adapter is None:
+            raise ValueError("adapter_options are given but no adapter= is set")
         _text("template", self.template)
         if "{text}" not in self.template:
             raise ValueError(f"template must contain '{{text}}' (and may contain '{{task}}'), got {self.template!r}")
@@ -123,6 +126,8 @@ class RunConfig:
             raise ValueError("resume=True needs checkpoint_dir")
         if self.training_args is not None and self.engine != "trainer":
             raise ValueError("training_args are for engine='trainer'")
+        if self.adapter is None and self.adapter_mode not in (None, "shared"):
+            raise ValueError(f"adapter_mode={self.adapter_mode!r} needs adapter=<registry name> (or a factory)")
         if self.task_inference is not None and self.adapter_mode != "per_task":
             raise ValueError(f"task_inference={self.task_inference!r} routes between per-task adapters: it needs "
                              f"adapter_mode='per_task', got adapter_mode={self.adapter_mode!r}")

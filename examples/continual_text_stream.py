@@ -53,7 +53,7 @@ def main() -> None:
     # 3. An Avalanche strategy on the tokenized stream.
     from avalanche.training.supervised import EWC
 
-    from lifelong.continual.avalanche_bridge import silent_evaluator
+    from lifelong.continual.engines.avalanche import silent_evaluator
     from lifelong.continual.loop import Experience, evaluate_stream, task_class_masks
 
     model, tokenizer = load_minilm()

@@ -28,8 +28,10 @@ def _mlp():
 def _naive(model, opt, plugins, **kw):
     from avalanche.training.supervised import Naive
 
+    from lifelong.continual.engines.avalanche import silent_evaluator
+
     return Naive(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), train_mb_size=64, train_epochs=1,
-                 eval_mb_size=256, plugins=plugins, evaluator=lc.avalanche_bridge.silent_evaluator()
+                 eval_mb_size=256, plugins=plugins, evaluator=silent_evaluator()
                  if "evaluator" not in kw else kw.pop("evaluator"), **kw)
 
 
@@ -109,7 +111,7 @@ def test_metrics_agree_with_avalanche(split3):
     assert last["StreamBWT/eval_phase/test_stream"] == pytest.approx(M.backward_transfer(r), abs=1e-6)
     assert last["StreamForwardTransfer/eval_phase/test_stream"] == pytest.approx(M.forward_transfer(r, b), abs=1e-6)
     # our per-experience evaluation gives the same accuracies as Avalanche's
-    from lifelong.continual.runner import evaluate_stream
+    from lifelong.continual.loop import evaluate_stream
 
     ours = evaluate_stream(lambda x, t, j: model(x), list(split3.test_stream), None, 256, "cpu")
     np.testing.assert_allclose(ours, r[2], atol=1e-6)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lifelong.continual import GKCL, KCL, ConditionalVAE, kernel_matrix, krr_logits, supcon_loss
-from lifelong.continual.kcl import gaussian_kl
+from lifelong.continual.methods.kcl import gaussian_kl
 
 torch.set_num_threads(1)
 

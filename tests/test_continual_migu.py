@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lifelong.continual import MIGU, migu_mask
+from lifelong.continual import MIGU, Context, migu_mask
 
 torch.set_num_threads(1)
 
@@ -252,19 +252,19 @@ def test_lifelong_adapter_rows():
 def test_start_task_and_full_masking():
     model = _mlp()
     migu = MIGU(mask_ratio=1.0, start_task=1)
-    migu.before_experience(model, 0)
+    migu.before_experience(Context(model=model, experience=0, experiences=[]))
     assert not migu.attached
     x, y = _batches(1)[0]
     nn.functional.cross_entropy(model(x), y).backward()
     migu.mask_gradients()
     assert migu.masks() == {}
     assert model[0].weight.grad.abs().sum() > 0
-    migu.before_experience(model, 1)
+    migu.before_experience(Context(model=model, experience=1, experiences=[]))
     model.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     migu.mask_gradients()
     assert model[0].weight.grad.abs().sum() == 0 and model[2].weight.grad.abs().sum() == 0
-    migu.after_experience()
+    migu.after_experience(Context(model=model, experience=1, experiences=[]))
     assert not migu.attached
 
 
@@ -314,7 +314,7 @@ def test_hf_trainer_callback_masks_one_step():
 
     from transformers import Trainer, TrainingArguments
 
-    from lifelong.continual import MIGUCallback
+    from lifelong.continual import ContinualCallback
 
     class Net(nn.Module):
         def __init__(self):
@@ -339,7 +339,8 @@ def test_hf_trainer_callback_masks_one_step():
     torch.manual_seed(0)
     model = Net()
     before = model.net[0].weight.detach().clone()
-    callback = MIGUCallback(mask_ratio=0.75, start_task=0)
+    migu = MIGU(mask_ratio=0.75, start_task=0)
+    callback = ContinualCallback(migu, task_index=0)
     args = TrainingArguments(output_dir="/tmp/lifelong_hf_migu", per_device_train_batch_size=32, num_train_epochs=1,
                              learning_rate=0.1, optim="sgd", max_grad_norm=0.0, report_to=[], use_cpu=True,
                              save_strategy="no", logging_strategy="no", lr_scheduler_type="constant",
@@ -349,7 +350,7 @@ def test_hf_trainer_callback_masks_one_step():
         Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback]).train()
     changed = (model.net[0].weight.detach() != before).any(1)
     assert int(changed.sum()) == 12 - int(0.75 * 12)  # one optimizer step: exactly the kept rows moved
-    assert not callback.migu.attached
+    assert not migu.attached
 
 
 def test_layers_of_equal_width_are_masked_like_each_alone():

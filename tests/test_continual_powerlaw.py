@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong.continual.powerlaw_replay import PowerLawReplay, largest_remainder, rehearsal_schedule, rehearsal_weights
+from lifelong.continual.methods.powerlaw import PowerLawReplay, largest_remainder, rehearsal_schedule, rehearsal_weights
 
 
 def test_budgeted_sums_and_structure():

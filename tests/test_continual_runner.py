@@ -175,8 +175,8 @@ def test_bad_inputs(split3):
         lc.run_stream(_mlp(), benchmark_from_datasets(train=[], test=[]), "naive", progress=False)
     with pytest.raises(TypeError, match="Avalanche benchmark"):
         lc.run_stream(_mlp(), [1, 2, 3], "naive", progress=False)
-    with pytest.raises(ValueError, match="Avalanche engine"):
-        lc.run_stream(_mlp(), split3, "ewc", engine="native", progress=False)
+    with pytest.raises(ValueError, match="does not run with engine 'native'; it supports engines: avalanche"):
+        lc.run_stream(_mlp(), split3, "si", engine="native", progress=False)
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
         lc.run_stream(_mlp(), split3, "naive", resume=True, progress=False)
     with pytest.raises(ValueError, match="mask_ratio"):
@@ -192,7 +192,7 @@ def test_per_task_adapters_never_forget_and_resume(split3_task, tmp_path):
         torch.manual_seed(0)
         base = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
         return lc.run_stream(base, split3_task, "migu", method_options={"mask_ratio": 0.5, "start_task": 0},
-                             adapter="lamda", per_task_adapter=True,
+                             adapter="lamda", adapter_mode="per_task",
                              adapter_options={"r": 4, "target_modules": ["0", "2"]}, epochs=2, lr=0.05,
                              progress=False, **kw)
 
@@ -214,8 +214,8 @@ def test_per_task_adapters_never_forget_and_resume(split3_task, tmp_path):
         run(checkpoint_dir=part, criterion=stop_in_second_task)
     resumed = run(checkpoint_dir=part, resume=True)
     np.testing.assert_array_equal(resumed.accuracy_matrix, res.accuracy_matrix)
-    with pytest.raises(ValueError, match="per_task_adapter=True needs adapter"):
-        lc.run_stream(_mlp(), split3_task, "naive", per_task_adapter=True, progress=False)
+    with pytest.raises(ValueError, match="adapter_mode='per_task' needs adapter"):
+        lc.run_stream(_mlp(), split3_task, "naive", adapter_mode="per_task", progress=False)
 
 
 def test_user_built_avalanche_benchmark():

@@ -41,8 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import fraction, non_negative_int, one_of
-from .method import ContinualMethod, MethodConfig
+from ...checks import fraction, non_negative_int, one_of
+from ..hooks import Context, ContinualMethod, MethodConfig
+from ..registry import ALL_MODES, register_method
 
 __all__ = ["MIGU", "migu_mask", "match_modules"]
 
@@ -162,13 +163,13 @@ class MIGUConfig(MethodConfig):
         non_negative_int("start_task", self.start_task)
 
 
+@register_method("migu", adapter_modes=ALL_MODES)
 class MIGU(ContinualMethod):
     """Gradient masking by output magnitude; attach to a model, call the three step hooks.
 
     Options are the fields of :class:`MIGUConfig` (or pass one as ``config``).
     """
 
-    name = "migu"
     Config = MIGUConfig
 
     def __init__(self, config: MIGUConfig | None = None, **options):
@@ -360,7 +361,7 @@ class MIGU(ContinualMethod):
                 if masked_bias:
                     self._saved.append((t.bias, rows, t.bias.detach()[rows].clone()))
 
-    def after_step(self) -> None:
+    def after_step(self, ctx: Context | None = None) -> None:
         """Reset the accumulators (and restore masked rows when ``freeze_masked_updates``)."""
         with torch.no_grad():
             for param, rows, values in self._saved:
@@ -368,21 +369,13 @@ class MIGU(ContinualMethod):
         self._saved = []
         self._seen = set()
 
-    # -- experience boundaries (native loop and bridges) -----------------------------------------
-    def before_experience(self, model: nn.Module, index: int) -> None:
-        if index >= self.start_task:
-            self.attach(model)
+    # -- the hook protocol (every engine) ------------------------------------------------------------
+    def before_experience(self, ctx: Context) -> None:
+        if ctx.experience >= self.start_task:
+            self.attach(ctx.model)
 
-    def after_backward(self) -> None:
+    def after_backward(self, ctx: Context) -> None:
         self.mask_gradients()
 
-    def after_update(self) -> None:
-        self.after_step()
-
-    def after_experience(self, index: int | None = None, experiences: list | None = None) -> None:
+    def after_experience(self, ctx: Context) -> None:
         self.detach()
-
-    def avalanche_plugin(self):
-        from .avalanche_bridge import MIGUPlugin
-
-        return MIGUPlugin(self)

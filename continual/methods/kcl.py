@@ -37,8 +37,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
-from ..checks import fraction, non_negative_number, one_of, positive_int, positive_number
-from .method import ContinualMethod, MethodConfig
+from ...checks import fraction, non_negative_number, one_of, positive_int, positive_number
+from ..hooks import ContinualMethod, MethodConfig
+from ..registry import register_method
 
 __all__ = ["KCL", "kernel_matrix", "krr_logits"]
 
@@ -148,13 +149,13 @@ class KCLConfig(MethodConfig):
         non_negative_number("min_lr", self.min_lr)
 
 
+@register_method("kcl", engines=("native", "avalanche"), adapter_modes=("none", "shared"), streams=("tensor",),
+                 owns_loop=True, combines=False)
 class KCL(nn.Module, ContinualMethod):
     """Kernel continual learning with a stored coreset; the user's model is the feature extractor.
 
     Options are the fields of :class:`KCLConfig` (or pass one as ``config``)."""
 
-    name = "kcl"
-    owns_loop = True
     Config = KCLConfig
 
     def __init__(self, config: KCLConfig | None = None, **options):
@@ -169,7 +170,7 @@ class KCL(nn.Module, ContinualMethod):
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, backbone: nn.Module, train_exps: list, masks, device, seed: int) -> None:
         """Runner entry point: size the heads from the stream (classes, feature dimension)."""
-        from .streams import experience_classes
+        from ..streams import experience_classes
 
         for e in train_exps:
             self.check_task_labels(e)
@@ -178,7 +179,7 @@ class KCL(nn.Module, ContinualMethod):
 
     def check_task_labels(self, experience) -> None:
         """KCL needs the task id at test time: refuse unlabelled streams unless ``oracle_task``."""
-        from .streams import has_task_labels
+        from ..streams import has_task_labels
 
         if not self.oracle_task and not has_task_labels(experience):
             raise ValueError(f"{type(self).__name__} needs the task id at test time but the stream has no task labels; "
@@ -283,7 +284,7 @@ class KCL(nn.Module, ContinualMethod):
     # -- runner interface ------------------------------------------------------------------------
     def train_experience(self, backbone: nn.Module, index: int, train_exps: list, epochs: int, batch_size: int,
                          lr: float) -> tuple[int, float]:
-        from .streams import experience_classes
+        from ..streams import experience_classes
 
         self.begin_task(index, experience_classes(train_exps[index]))
         data = self.prepare_task(index, train_exps[index].dataset, backbone)

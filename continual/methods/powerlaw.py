@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Subset
 
-from ..checks import non_negative_int, non_negative_number, one_of, positive_number
-from .method import ContinualMethod, MethodConfig
+from ...checks import non_negative_int, non_negative_number, one_of, positive_number
+from ..hooks import Context, ContinualMethod, MethodConfig
+from ..registry import ALL_MODES, register_method
 
 __all__ = ["PowerLawReplay", "rehearsal_weights", "rehearsal_schedule", "largest_remainder"]
 
@@ -145,6 +146,7 @@ class PowerLawConfig(MethodConfig):
         non_negative_int("seed", self.seed)
 
 
+@register_method("powerlaw", adapter_modes=ALL_MODES)
 class PowerLawReplay(ContinualMethod):
     """Rehearsal environment over past tasks: which samples of each old task go into each phase.
 
@@ -154,7 +156,6 @@ class PowerLawReplay(ContinualMethod):
     Options are the fields of :class:`PowerLawConfig` (or pass one as ``config``).
     """
 
-    name = "powerlaw"
     Config = PowerLawConfig
 
     def __init__(self, config: PowerLawConfig | None = None, **options):
@@ -214,24 +215,19 @@ class PowerLawReplay(ContinualMethod):
         """Samples held for rehearsal (all past data: the environment re-exposes from it)."""
         return int(sum(self.past_sizes)) if self.kind != "none" else 0
 
-    # -- the method protocol (native loop) -------------------------------------------------------
-    def train_dataset(self, index: int, experiences: list):
-        """Experience ``index``'s data followed by this phase's samples of every earlier experience."""
-        current = experiences[index].dataset
-        picks = self.phase_indices(index, len(current)) if index > 0 else {}
-        parts = [current] + [Subset(experiences[j].dataset, idx.tolist()) for j, idx in sorted(picks.items())]
+    # -- the hook protocol ---------------------------------------------------------------------------
+    def train_dataset(self, ctx: Context):
+        """The data chosen so far followed by this phase's samples of every earlier experience."""
+        index, current = ctx.experience, ctx.dataset
+        picks = self.phase_indices(index, len(ctx.experiences[index].dataset)) if index > 0 else {}
+        parts = [current] + [Subset(ctx.experiences[j].dataset, idx.tolist()) for j, idx in sorted(picks.items())]
         return ConcatDataset(parts) if len(parts) > 1 else current
 
-    def after_experience(self, index: int | None = None, experiences: list | None = None) -> None:
-        self.remember(len(experiences[index].dataset))
+    def after_experience(self, ctx: Context) -> None:
+        self.remember(len(ctx.experiences[ctx.experience].dataset))
 
     def memory(self) -> dict:
         return {"replay_samples": self.memory_samples()}
-
-    def avalanche_plugin(self):
-        from .avalanche_bridge import PowerLawReplayPlugin
-
-        return PowerLawReplayPlugin(self)
 
     def state_dict(self) -> dict:
         return {"past_sizes": list(self.past_sizes)}

@@ -38,7 +38,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from ..checks import non_negative_number, one_of, positive_int, positive_number
+from ...checks import non_negative_number, one_of, positive_int, positive_number
+from ..registry import register_method
 from .kcl import KCL, KCLConfig, gaussian_kl
 
 __all__ = ["GKCL", "ConditionalVAE", "supcon_loss"]
@@ -134,12 +135,13 @@ class GKCLConfig(KCLConfig):
         positive_number("gen_lr", self.gen_lr)
 
 
+@register_method("gkcl", engines=("native", "avalanche"), adapter_modes=("none", "shared"), streams=("tensor",),
+                 owns_loop=True, combines=False)
 class GKCL(KCL):
     """KCL whose support sets come from a class-conditional VAE trained with generative replay.
 
     Options are the fields of :class:`GKCLConfig` (or pass one as ``config``)."""
 
-    name = "gkcl"
     Config = GKCLConfig
 
     def __init__(self, config: GKCLConfig | None = None, **options):

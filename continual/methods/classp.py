@@ -32,9 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .method import ContinualMethod
+from ..hooks import ContinualMethod, MethodConfig
+from ..registry import ALL_MODES, register_method
 
-__all__ = ["CLASSP"]
+__all__ = ["CLASSP", "ClasspConfig", "ClasspMethod"]
 
 
 class CLASSP(torch.optim.Optimizer):
@@ -238,27 +239,37 @@ def _validate(**values) -> None:
         raise ValueError(f"CLASSP: power must be > 0, got {values['power']}")
 
 
+@dataclass
+class ClasspConfig(MethodConfig):
+    """CLASSP's settings (see :class:`CLASSP`); ``lr`` None uses the run's learning rate (CLASSP's
+    step size differs in scale from Adam's, so it is usually set here)."""
+
+    lr: float | None = None
+    threshold: float = 0.5
+    eps: float = 1e-5
+    power: float = 1.0
+    apply_scaling: bool = True
+    include_current: bool = True
+    reference_compat: bool = False
+
+    def validate(self) -> None:
+        _validate(threshold=self.threshold, eps=self.eps, power=self.power,
+                  **({} if self.lr is None else {"lr": self.lr}))
+        for name in ("apply_scaling", "include_current", "reference_compat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CLASSP: {name} must be true or false, got {getattr(self, name)!r}")
+
+
+@register_method("classp", adapter_modes=ALL_MODES)
 class ClasspMethod(ContinualMethod):
-    """CLASSP as a continual method for the training loops: it only supplies the optimizer.
+    """CLASSP as a continual method: it only supplies the optimizer.
 
-    The accumulated squared gradients are the method's memory, so the loops keep one optimizer
-    across experiences (never reset its state between tasks). An ``lr`` option overrides the run's
-    learning rate (CLASSP's step size differs in scale from Adam's)."""
+    The accumulated squared gradients are the method's memory, so the engines keep one optimizer
+    across experiences (never reset its state between tasks)."""
 
-    name = "classp"
-
-    OPTIONS = ("lr", "threshold", "eps", "power", "apply_scaling", "include_current", "reference_compat")
-
-    def __init__(self, **options):
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            raise ValueError(f"classp: unknown option(s) {unknown}; valid: {', '.join(self.OPTIONS)}")
-        _validate(**options)
-        self.options = options
-
-    def config(self) -> dict:
-        return dict(self.options)
+    Config = ClasspConfig
 
     def make_optimizer(self, params: list, lr: float) -> CLASSP:
-        return CLASSP(params, **{"lr": lr, **self.options})
-
+        options = self.settings()
+        own_lr = options.pop("lr")
+        return CLASSP(params, lr=lr if own_lr is None else own_lr, **options)

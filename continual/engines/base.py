@@ -1,0 +1,128 @@
+"""What every engine shares: the hook calls around an experience, the optimizer, prediction, state.
+
+An engine trains one experience at a time. :class:`Engine` does everything but the batch loop:
+``start_experience`` calls ``before_experience`` on every hook (the adapter mode first, then the
+methods in order), (re)builds the optimizer when the trainable tensors changed, and asks the hooks
+for the training set; ``step_loss`` computes one batch's loss (forward, task masking, criterion,
+then every ``loss`` hook); ``end_experience`` calls ``after_experience``. The native loop, the
+Avalanche strategy and the ``transformers.Trainer`` each run the batch loop their own way and
+call ``after_backward`` / ``after_step`` at the same points.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter_modes import AdapterMode
+from ..hooks import Context, ContinualMethod, HookList
+from ..loop import make_optimizer, restrict_logits, set_candidates, trainable, unpack
+
+__all__ = ["Engine"]
+
+
+class Engine:
+    """Shared engine machinery (see the module docstring).
+
+    Args:
+        model: the module that trains (text classifier or :class:`Backbone` holder).
+        methods: the run's methods, hooks called in order.
+        mode: the adapter mode's hook object (called before the methods).
+        settings: the run's :class:`~lifelong.continual.config.RunConfig`.
+        criterion, masks, scenario: the loss of (logits, targets), task class masks, scenario name.
+        device: a ``torch.device``.
+    """
+
+    def __init__(self, model: nn.Module, methods: list[ContinualMethod], mode: AdapterMode, settings, criterion,
+                 masks: dict | None, scenario: str, device: torch.device):
+        self.model, self.methods, self.mode, self.settings = model, methods, mode, settings
+        self.hooks = HookList([mode, *methods])
+        self.criterion, self.masks, self.scenario, self.device = criterion, masks, scenario, device
+        self.epochs, self.batch_size, self.seed, self.lr = (settings.epochs, settings.batch_size, settings.seed,
+                                                            settings.lr)
+        self.owner = methods[0] if methods[0].capabilities is not None and methods[0].capabilities.owns_loop else None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._optimized: list[int] = []
+
+    @property
+    def name(self) -> str:
+        return "+".join(m.name for m in self.methods)
+
+    # ---- one experience ----------------------------------------------------------------------
+    def context(self, i: int, train_exps: list) -> Context:
+        ctx = Context(model=self.model, experience=i, experiences=train_exps, optimizer=self.optimizer,
+                      device=self.device, scenario=self.scenario, masks=self.masks, batch_size=self.batch_size)
+        ctx.batch_loss = lambda batch: self.batch_loss(ctx, batch)
+        return ctx
+
+    def start_experience(self, i: int, train_exps: list) -> tuple[Context, Any]:
+        ctx = self.context(i, train_exps)
+        set_candidates(self.model, train_exps, self.masks, seen=i)
+        self.hooks.call("before_experience", ctx)
+        ctx.optimizer = self.ensure_optimizer()
+        data = self.hooks.train_dataset(ctx)
+        ctx.total_steps = self.epochs * math.ceil(len(data) / self.batch_size)
+        return ctx, data
+
+    def ensure_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over the trainable tensors; rebuilt only when that set changed (a new
+        adapter), so optimizer state (Adam moments, CLASSP's accumulator) persists otherwise."""
+        params = trainable(self.model)
+        ids = [id(p) for p in params]
+        if self.optimizer is None or ids != self._optimized:
+            self.optimizer = make_optimizer(self.settings.optimizer, params, self.lr, self.hooks)
+            self._optimized = ids
+        return self.optimizer
+
+    def batch_loss(self, ctx: Context, batch) -> torch.Tensor:
+        """The training loss of one batch (forward, task masking, criterion); fills ctx's batch fields."""
+        x, y, t = unpack(batch, self.device)
+        logits = self.model(x)
+        ctx.inputs, ctx.targets, ctx.task_ids, ctx.logits = x, y, t, logits
+        return self.criterion(restrict_logits(logits, t, self.masks, ctx.experience), y)
+
+    def step_loss(self, ctx: Context, batch) -> torch.Tensor:
+        """``batch_loss`` followed by every method's ``loss`` hook."""
+        return self.hooks.loss(ctx, self.batch_loss(ctx, batch))
+
+    def end_experience(self, ctx: Context) -> None:
+        ctx.inputs = ctx.targets = ctx.task_ids = ctx.logits = None
+        self.hooks.call("after_experience", ctx)
+        self.model.eval()
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, t, j: int) -> torch.Tensor | None:
+        if self.owner is not None:
+            return self.owner.predict(self.model, x, j)
+        self.model.eval()
+        set_candidates(self.model, None, self.masks, task=j)
+        return self.mode.predict(x, j)
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"model": self.model.state_dict(), "methods": self.hooks.state_dict(),
+                 "structure": self.mode.structure()}
+        if self.optimizer is not None and self.mode.keeps_optimizer:  # other modes rebuild it at the next experience
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, train_exps: list) -> None:
+        self.mode.rebuild(state["structure"], train_exps)
+        self.model.to(self.device)
+        self.model.load_state_dict(state["model"])
+        self.hooks.load_state_dict(state["methods"])
+        if "optimizer" in state and self.owner is None:
+            self.ensure_optimizer().load_state_dict(state["optimizer"])
+
+    def trainable_parameters(self) -> int:
+        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        if self.owner is not None:
+            n += self.owner.extra_trainable_parameters()
+        return n
+
+    def memory(self) -> dict:
+        return self.hooks.memory()
