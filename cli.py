@@ -93,15 +93,31 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     print(f"lifelong run: warning: {message}", file=sys.stderr)
 
 
+def interrupted(output: Path | None) -> str:
+    """What Ctrl-C kept, and how to go on."""
+    if output is None:
+        return "lifelong run: interrupted before the run started; nothing was written"
+    cells = output / "cells"
+    done = len([p for p in cells.glob("*.json") if not p.name.startswith(".")]) if cells.is_dir() else 0
+    return (f"lifelong run: interrupted; {done} finished cell(s) are kept in {str(cells)!r}, and a cell that was "
+            "running resumes from its last checkpoint there; run the same command with --resume to continue")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .experiment import ConfigError, load_config, run_experiment
 
+    output = None
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning  # one line per warning, no source location
+        # Avalanche's evaluator warns when it has no loggers; lifelong logs and reports itself
+        warnings.filterwarnings("ignore", message="No loggers specified", category=UserWarning)
         try:
             config = load_config(args.config, args.overrides)
-            output = args.output or Path("runs") / config["name"]
+            output = Path(args.output or Path("runs") / config["name"])
             run_experiment(config, output, resume=args.resume, overwrite=args.overwrite)
+        except KeyboardInterrupt:
+            print(interrupted(output), file=sys.stderr)
+            return 130
         except ConfigError as err:
             print(f"lifelong run: {err}", file=sys.stderr)
             return 2

@@ -17,9 +17,13 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import shutil
+import socket
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -494,9 +498,11 @@ def run_federated_cell(config: dict, cell: Cell, workdir: Path | None, progress:
 RUNNERS = {"continual": run_continual_cell, "federated": run_federated_cell}
 
 
-def prepare_output(output: Path, config: dict, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder holding another run unless asked to resume it (same config) or overwrite."""
-    marker = output / "run.json"
+LOCK = ".lock"
+
+
+def check_output(output: Path) -> None:
+    """The output is a folder (created if needed) where files can be written."""
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output {str(output)!r} exists and is not a folder")
     try:
@@ -504,6 +510,70 @@ def prepare_output(output: Path, config: dict, resume: bool, overwrite: bool) ->
     except OSError as err:
         raise ConfigError(f"output {str(output)!r} is not writable ({err.strerror}); "
                           "pick another --output") from err
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold ``<output>/.lock`` (created with ``O_EXCL``, holding this process's id and host) while
+    a run writes there: a second run on the same folder is refused with a ``ConfigError``. A lock
+    left by a process of this host that is gone (killed) is taken over with a warning."""
+    path = output / LOCK
+    if not _create_lock(path):
+        holder = _lock_holder(path)
+        if not _stale(holder):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+            raise ConfigError(f"output {str(output)!r} is in use by another lifelong run (process "
+                              f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {since}); wait for it "
+                              f"to finish or pick another --output (if no such run is alive, delete {str(path)!r})")
+        warnings.warn(f"{str(path)!r} was left by process {holder['pid']}, which is gone; taking it over",
+                      RuntimeWarning, stacklevel=3)
+        path.unlink(missing_ok=True)
+        if not _create_lock(path):
+            raise ConfigError(f"output {str(output)!r} is in use by another lifelong run that started just now; "
+                              "pick another --output")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _create_lock(path: Path) -> bool:
+    """Create the lock file exclusively; False when it exists already."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, file)
+    return True
+
+
+def _lock_holder(path: Path) -> dict:
+    """What the lock file says about its holder (empty when it cannot be read)."""
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _stale(holder: dict) -> bool:
+    """The holder ran on this host and its process is gone."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def prepare_output(output: Path, config: dict, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding another run unless asked to resume it (same config) or overwrite."""
+    marker = output / "run.json"
     if marker.is_file():
         try:
             previous = json.loads(marker.read_text(encoding="utf-8"))
@@ -525,7 +595,7 @@ def prepare_output(output: Path, config: dict, resume: bool, overwrite: bool) ->
         elif previous_fingerprint != fingerprint(config):
             raise ConfigError(f"--resume: output {str(output)!r} holds a run of another configuration; "
                               "use another --output or --overwrite")
-    elif output.is_dir() and any(output.iterdir()) and not overwrite:
+    elif any(p.name != LOCK for p in output.iterdir()) and not overwrite:
         raise ConfigError(f"output {str(output)!r} is not empty and holds no lifelong run; pick an empty folder")
     (output / "cells").mkdir(parents=True, exist_ok=True)
     atomic_write_text(str(marker), json_text({"fingerprint": fingerprint(config), "config": config}, indent=2))
@@ -535,10 +605,17 @@ def run_experiment(config: dict, output: str | Path, *, resume: bool = False, ov
                    progress: bool = True, stop_after: int | None = None) -> dict:
     """Run every cell not finished yet, then write the report. ``stop_after`` (tests) stops the
     run after that many newly computed cells, as an interruption would."""
+    output = Path(output)
+    check_output(output)
+    with output_lock(output):
+        prepare_output(output, config, resume, overwrite)
+        return run_cells(output, config, progress, stop_after)
+
+
+def run_cells(output: Path, config: dict, progress: bool, stop_after: int | None) -> dict:
+    """Compute the cells not finished yet (``stop_after``: see :func:`run_experiment`), then write the report."""
     from tqdm.auto import tqdm
 
-    output = Path(output)
-    prepare_output(output, config, resume, overwrite)
     cells = cells_of(config)
     computed = 0
     bar = tqdm(cells, desc=config["name"], unit="cell", disable=not progress)
