@@ -12,6 +12,8 @@ live in :mod:`.layers` and are re-exported here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -22,9 +24,33 @@ from .config import AdapterConfig
 from .layers import AdaptedLayer, SavedModule, unwrap
 from .targeting import default_lora_targets
 
-__all__ = ["RESIDUAL_BUFFERS", "AdaptedLayer", "Adapter", "SavedModule", "full_tensor", "local_tensor", "unwrap"]
+__all__ = ["RESIDUAL_BUFFERS", "AdaptedLayer", "Adapter", "SavedModule", "full_tensor", "local_tensor",
+           "original_weights", "restore_weights", "unwrap"]
 
 RESIDUAL_BUFFERS = ("residual_up", "residual_down")
+
+#: the open :func:`original_weights` records (id of a base weight -> (weight, exact copy))
+_RECORDS: list[dict[int, tuple[Tensor, Tensor]]] = []
+
+
+@contextmanager
+def original_weights() -> Iterator[dict[int, tuple[Tensor, Tensor]]]:
+    """While open, :meth:`Adapter.attach` keeps an exact copy of each base weight before it first
+    subtracts a residual from it, so that :func:`restore_weights` can undo a failed load bit for
+    bit (adding the residual back is off by rounding: ``(W - R) + R != W`` in floating point)."""
+    record: dict[int, tuple[Tensor, Tensor]] = {}
+    _RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _RECORDS.remove(record)
+
+
+@torch.no_grad()
+def restore_weights(record: dict[int, tuple[Tensor, Tensor]]) -> None:
+    """Put back the weights an :func:`original_weights` record kept."""
+    for weight, original in record.values():
+        weight.copy_(original)
 
 
 def _dtensor_type() -> type | None:
@@ -179,6 +205,8 @@ class Adapter(nn.Module):
     def attach(self, base: nn.Module) -> None:
         """Called once the adapter is installed (or loaded): leave the residual in the base."""
         if self.has_residual:
+            for record in _RECORDS:
+                record.setdefault(id(base.weight), (base.weight, base.weight.detach().clone()))
             base.weight.sub_(self.residual_weight(base.weight.dtype))
 
     @torch.no_grad()

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..files import atomic_write
-from .base import RESIDUAL_BUFFERS, Adapter, full_tensor
+from .base import RESIDUAL_BUFFERS, Adapter, full_tensor, original_weights, restore_weights
 from ..checks import one_of
 from .config import RUNTIME_ONLY_FIELDS, AdapterConfig
 from .layers import AdaptedLayer, SavedModule, unwrap
@@ -626,10 +627,18 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a lifelong adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    meta = json.loads(config_path.read_text())
-    if meta.get("library") != "lifelong" or "method" not in meta:
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"adapter config {str(config_path)!r} is not valid JSON ({err}); the adapter folder is "
+                         "damaged: save the adapter again or restore the folder from a good copy") from err
+    if not isinstance(meta, dict) or meta.get("library") != "lifelong" or "method" not in meta:
         raise ValueError(f"{str(config_path)!r} was not written by lifelong's save_pretrained")
-    return meta, load_file(str(weights_path))
+    try:
+        return meta, load_file(str(weights_path))
+    except SafetensorError as err:
+        raise ValueError(f"adapter weights {str(weights_path)!r} cannot be read ({err}); the adapter folder is "
+                         "damaged: save the adapter again or restore the folder from a good copy") from err
 
 
 def adapter_folders(root: Path) -> dict[str, Path]:
@@ -670,7 +679,8 @@ def load(model: nn.Module, directory: str | os.PathLike, *, adapter_name: str | 
     """Rebuild the adapted model saved by ``save_pretrained`` on a fresh copy of the base model.
 
     Loads the adapter at the top of ``directory`` (as ``default``) and every adapter saved in a
-    sub-folder; ``adapter_name`` picks one of them only.
+    sub-folder; ``adapter_name`` picks one of them only. When one of them fails to load, the
+    model is left exactly as given: layers, ``requires_grad`` flags and weights bit for bit.
     """
     root = Path(directory)
     folders = adapter_folders(root)
@@ -684,15 +694,17 @@ def load(model: nn.Module, directory: str | os.PathLike, *, adapter_name: str | 
         flags = [(p, p.requires_grad) for p in model.parameters()]
         adapted = AdaptedModel(model)
     loaded: list[str] = []
-    try:
-        for name, folder in folders.items():
-            adapted.load_adapter(folder, name, is_trainable=is_trainable)
-            loaded.append(name)
-    except BaseException:
-        for name in reversed(loaded):  # leave the model exactly as it was given
-            adapted._discard(name)
-        if flags is not None:
-            for p, flag in flags:
-                p.requires_grad_(flag)
-        raise
+    with original_weights() as originals:
+        try:
+            for name, folder in folders.items():
+                adapted.load_adapter(folder, name, is_trainable=is_trainable)
+                loaded.append(name)
+        except BaseException:
+            for name in reversed(loaded):  # leave the model exactly as it was given
+                adapted._discard(name)
+            restore_weights(originals)  # residual bases added back are off by rounding
+            if flags is not None:
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+            raise
     return adapted

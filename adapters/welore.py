@@ -63,6 +63,20 @@ class WeLoreConfig(AdapterConfig):
         one_of("svd_dtype", self.svd_dtype, ("float32", "float64"))
 
 
+def layer_svd(name: str, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD of one layer's weight; a ``ValueError`` naming the layer when the weight holds
+    NaN or infinite values or the SVD does not converge."""
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"welore: layer {name!r} has {bad} NaN or infinite weight value(s); WeLore factors the "
+                         "weight by SVD and needs a finite one (check the model or the checkpoint it came from)")
+    try:
+        return torch.linalg.svd(weight.to(dtype), full_matrices=False)
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(f"welore: the SVD of layer {name!r}'s weight did not converge ({err}); try "
+                         "svd_dtype='float64'") from err
+
+
 def normalized_spectrum(sigma: Tensor) -> Tensor:
     """Min-max normalised singular values; a flat spectrum maps to all ones (nothing dropped)."""
     lo, hi = sigma.min(), sigma.max()
@@ -135,10 +149,7 @@ class WeLoreAdapter(Adapter):
     @classmethod
     def prepare(cls, model: nn.Module, targets: dict[str, nn.Module], config: WeLoreConfig) -> dict[str, Any]:
         dtype = torch.float64 if config.svd_dtype == "float64" else torch.float32
-        svds = {}
-        for name, module in targets.items():
-            weight = unwrap(module).weight.detach()
-            svds[name] = torch.linalg.svd(weight.to(dtype), full_matrices=False)
+        svds = {name: layer_svd(name, unwrap(module).weight.detach(), dtype) for name, module in targets.items()}
         spectra = {name: normalized_spectrum(s) for name, (_, s, _) in svds.items()}
         shapes = {name: tuple(unwrap(m).weight.shape) for name, m in targets.items()}
         tau = config.threshold if config.threshold is not None else solve_threshold(

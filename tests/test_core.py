@@ -539,3 +539,41 @@ def test_add_weighted_adapter_bad_input() -> None:
     with pytest.raises(ValueError, match="already has an adapter named 'b'"):
         m.add_weighted_adapter(["a"], [1.0], "b")
     assert "mix" not in m.configs and sorted(m.configs) == ["a", "b", "bone"]
+
+
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_failed_load_after_a_corda_adapter_restores_the_base_weights_bit_for_bit(tmp_path, damage: str) -> None:
+    """CorDA leaves W - up @ down in the base; adding the residual back is off by rounding, so a
+    failed load must put the saved original back exactly."""
+    torch.manual_seed(0)
+    calibration = [torch.randn(8, 16) for _ in range(4)]
+    m = ll.wrap(MLP(), "corda", r=4, target_modules=["fc1", "fc2"], calibration=calibration, progress=False)
+    m.add_adapter("two", "bone", r=4, target_modules=["fc2"])
+    m.save_pretrained(tmp_path)
+    if damage == "config":  # the second adapter no longer fits its tensors
+        meta = json.loads((tmp_path / "two" / "adapter_config.json").read_text())
+        meta["config"]["target_modules"] = ["fc1", "fc2"]
+        (tmp_path / "two" / "adapter_config.json").write_text(json.dumps(meta))
+    else:
+        (tmp_path / "two" / "adapter_model.safetensors").write_bytes(b"\0" * 40)
+    fresh = MLP()
+    before = snapshot(fresh)
+    message = "does not fit" if damage == "config" else "two.adapter_model.safetensors' cannot be read"
+    with pytest.raises(ValueError, match=message):
+        ll.load(fresh, tmp_path)
+    assert_unchanged(fresh, before)
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "\xff\xfe"])
+def test_an_invalid_json_adapter_config_names_the_file(tmp_path, text: str) -> None:
+    ll.wrap(MLP(), "bone", r=4, target_modules=["fc1"]).save_pretrained(tmp_path)
+    config = tmp_path / "adapter_config.json"
+    config.write_bytes(text.encode("latin-1"))
+    model = MLP()
+    with pytest.raises(ValueError, match="adapter config .*adapter_config.json' is not valid JSON") as err:
+        ll.load(model, tmp_path)
+    assert "save the adapter again" in str(err.value)
+    assert not any(isinstance(x, AdaptedLayer) for x in model.modules())
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="was not written by lifelong's save_pretrained"):
+        ll.load(MLP(), tmp_path)

@@ -113,3 +113,14 @@ def test_ratio_outside_open_interval_fails(ratio: float) -> None:
         ll.wrap(model, "welore", ratio=ratio)
     assert isinstance(model[0], nn.Linear)
 
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_fails_naming_the_layer(bad: float) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[2].weight[1, 3] = bad
+    with pytest.raises(ValueError, match=r"welore: layer '2' has 1 NaN or infinite weight value\(s\)"):
+        ll.wrap(model, "welore", ratio=0.2, target_modules=["0", "2"])
+    assert not any(isinstance(m, ll.adapters.AdaptedLayer) for m in model.modules())
