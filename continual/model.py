@@ -157,7 +157,7 @@ class ContinualModel:
 
         adapted = adapted_model(self.module)
         info = dict(self.info)
-        if adapted is not None:
+        if adapted is not None and info["adapter_mode"] in ("shared", "per_task", "incremental"):
             adapted.save_pretrained(folder / "adapters")
             info["adapters"] = list(adapted.peft_config)
             info["active"] = list(adapted.active_adapters)

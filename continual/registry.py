@@ -77,13 +77,12 @@ def register_method(name: str, **capabilities: Any) -> Callable[[type[ContinualM
 
 
 def available_methods() -> list[str]:
-    """The registered method names, sorted."""
-    _load_builtin()
+    """The registered method names, sorted (the library's own register when ``lifelong.continual``
+    is imported)."""
     return sorted(_METHODS)
 
 
 def method_class(name: str) -> type[ContinualMethod]:
-    _load_builtin()
     if name not in _METHODS:
         raise ValueError(f"unknown continual method {name!r}; valid: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
@@ -147,7 +146,3 @@ def check_run(methods: list[ContinualMethod], *, engine: str, mode: str | None, 
         if caps.owns_loop and len(methods) > 1:
             raise ValueError(f"method {m.name!r} trains experiences itself and cannot be combined with other methods")
 
-
-def _load_builtin() -> None:
-    """Import the library's methods (each registers itself)."""
-    from . import methods  # noqa: F401

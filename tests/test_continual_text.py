@@ -459,3 +459,44 @@ def test_one_adapter_per_task_never_forgets_on_text():
     # classes get no gradient under the task mask: its column is constant
     assert r[1, 0] == r[0, 0] and res.forgetting == 0.0
     assert res.config["adapter_mode"] == "per_task"
+
+
+# ---- the trained model: result.model -----------------------------------------------------------
+@pytest.mark.parametrize("mode, adapter", [("shared", "bone"), ("per_task", "lora"), ("sequential", "kore"),
+                                           ("incremental", "lora"), (None, None)])
+def test_result_model_predicts_saves_and_loads(mode, adapter, tmp_path):
+    stream = tiny_stream()
+    options = {} if adapter is None else {"adapter": adapter, "adapter_mode": mode,
+                                          "adapter_options": {"r": 4, **({"progress": False} if adapter == "kore" else {})}}
+    res = _run(minilm(), stream, epochs=2, optimizer="adam", lr=1e-3, calibration_samples=4, **options)
+    model = res.model
+    r = np.asarray(res.accuracy_matrix)
+    for j, task in enumerate(stream.tasks):  # predict on a task's test texts reproduces that task's cell
+        pred = model.predict(task.test_texts, task=j)
+        acc = float((pred == torch.tensor(task.test_labels)).float().mean())
+        assert acc == pytest.approx(r[-1, j])
+        assert set(pred.tolist()) <= set(task.classes if hasattr(task, "classes") else pred.tolist())
+    texts = stream.tasks[1].test_texts
+    before = model.logits(texts, task=stream.names[1])
+    model.save_pretrained(tmp_path / "m")
+    loaded = lc.load_model(minilm(), tmp_path / "m")  # the tokenizer travels with the model
+    after = loaded.logits(texts, task=1)
+    assert torch.equal(before.argmax(-1), after.argmax(-1))
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    if mode == "per_task":
+        with pytest.raises(ValueError, match="one adapter per task: pass task="):
+            model.predict(texts)
+    else:
+        assert model.predict(texts).shape == (len(texts),)  # no task: every class of the stream
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        model.predict(texts, task="nope")
+    with pytest.raises(TypeError, match="list of strings"):
+        model.predict("one string")
+
+
+def test_load_model_refuses_what_is_not_a_saved_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="continual_model.json"):
+        lc.load_model(minilm(), tmp_path)
+    (tmp_path / "continual_model.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        lc.load_model(minilm(), tmp_path)

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -100,6 +101,7 @@ class MethodPlugin(SupervisedPlugin):
         self.ctx.experiences = list(self.ctx.experiences)
         self.ctx.experiences[self.ctx.experience] = _WithDataset(strategy.adapted_dataset)
         strategy.adapted_dataset = as_avalanche(self.hooks.train_dataset(self.ctx))
+        self.ctx.total_steps = strategy.train_epochs * math.ceil(len(strategy.adapted_dataset) / strategy.train_mb_size)
 
     def after_forward(self, strategy, **kwargs):
         if strategy.is_training:  # the raw logits, before TaskMaskPlugin (which comes after this plugin)
