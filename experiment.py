@@ -463,7 +463,23 @@ def run_continual_cell(config: dict, cell: Cell, workdir: Path | None, progress:
     )
     out = result.to_dict()
     out["metrics"]["wall_time_s"] = result.wall_time_s
+    out["task_names"] = stream_task_names(stream)
     return out
+
+
+def stream_task_names(stream: Any) -> list[str]:
+    """What the report calls each task: a text stream's task names, else the classes of each
+    experience (``classes 0, 1``), numbered when every experience has the same classes (permuted
+    or rotated digits)."""
+    from .continual.streams import experience_classes
+
+    if hasattr(stream, "names"):
+        return list(stream.names)
+    classes = [sorted(int(c) for c in experience_classes(exp)) for exp in stream.train_stream]
+    if all(c == classes[0] for c in classes):
+        return [f"task {i + 1}" for i in range(len(classes))]
+    return [f"classes {c[0]}–{c[-1]}" if len(c) > 3 and c == list(range(c[0], c[-1] + 1))
+            else "classes " + ", ".join(map(str, c)) for c in classes]
 
 
 def run_federated_cell(config: dict, cell: Cell, workdir: Path | None, progress: bool = False) -> dict:

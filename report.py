@@ -55,6 +55,13 @@ def versions() -> dict:
     return {"lifelong": lifelong.__version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
+PLOTS_NOTE = {
+    "continual": "The plots show the mean over the seeds; the error bars of forgetting.png are ± one standard "
+                 "deviation over the seeds.",
+    "federated": "The plots show the run of the first seed.",
+}
+
+
 class CorruptCell(ValueError):
     """A cell file that is empty or does not hold a cell record."""
 
@@ -84,20 +91,37 @@ def read_cells(output: Path) -> list[dict]:
     return cells
 
 
+PERCENT_METRICS = ("acc", "forgetting", "bwt", "fwt", "final_accuracy", "best_accuracy")
+
+
+def format_mean(stats: dict, metric: str) -> str:
+    """The mean as the table shows it (accuracies in %, two decimals)."""
+    return f"{(100.0 if metric in PERCENT_METRICS else 1.0) * stats['mean']:.2f}"
+
+
 def format_cell(stats: dict, metric: str) -> str:
     if stats["mean"] is None:
         return "–"
-    scale = 100.0 if metric in ("acc", "forgetting", "bwt", "fwt", "final_accuracy", "best_accuracy") else 1.0
-    return f"{scale * stats['mean']:.2f} ± {scale * stats['std']:.2f}"
+    scale = 100.0 if metric in PERCENT_METRICS else 1.0
+    return f"{format_mean(stats, metric)} ± {scale * stats['std']:.2f}"
 
 
 def markdown_table(summary: dict, best: dict, metrics: tuple[str, ...]) -> str:
+    """One row per method; the best mean of each metric is bold, and so is every mean tied with it
+    as shown (equal at the table's two decimals)."""
     lines = ["| method | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for label, stats in summary.items():
-        cells = [("**" + format_cell(stats[m], m) + "**") if best.get(m) == label else format_cell(stats[m], m)
+        cells = [("**" + format_cell(stats[m], m) + "**") if is_best(summary, best, label, m) else format_cell(stats[m], m)
                  for m in metrics]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def is_best(summary: dict, best: dict, label: str, metric: str) -> bool:
+    """``label``'s mean of ``metric`` is the best one, or equal to it as the table shows it."""
+    if metric not in best or summary[label][metric]["mean"] is None:
+        return False
+    return format_mean(summary[label][metric], metric) == format_mean(summary[best[metric]][metric], metric)
 
 
 def save_figure(fig, path: Path) -> None:
@@ -106,63 +130,87 @@ def save_figure(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def continual_plots(output: Path, config: dict, cells: list[dict]) -> list[str]:
+def pyplot():
+    """matplotlib's ``pyplot`` on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
+    return plt
+
+
+def seeds_note(seeds: int) -> str:
+    return f"mean over {seeds} seed{'s' if seeds != 1 else ''}"
+
+
+def continual_plots(output: Path, config: dict, cells: list[dict]) -> list[str]:
+    """The accuracy matrix heatmaps, accuracy over the stream and forgetting, each averaged over seeds."""
+    plt = pyplot()
     labels = [m["label"] for m in config["methods"]]
-    mean_matrix = {}
-    for label in labels:
-        mats = [np.array(c["result"]["accuracy_matrix"], dtype=float) for c in cells if c["label"] == label]
-        with warnings.catch_warnings():  # cells no seed measured (forward_transfer=False) stay NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean_matrix[label] = np.nanmean(np.stack(mats), axis=0)
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3), squeeze=False)
-    for ax, label in zip(axes[0], labels):
-        matrix = mean_matrix[label]
-        ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-        ticks = range(matrix.shape[0])
-        ax.set_xticks(ticks, [str(t + 1) for t in ticks])
-        ax.set_yticks(ticks, [str(t + 1) for t in ticks])
-        if matrix.shape[0] <= 10:
+    mean_matrix = {label: mean_accuracy_matrix([c for c in cells if c["label"] == label]) for label in labels}
+    seeds = len(config["seeds"])
+    summary, _ = summarise(config, cells)
+    figures = {
+        "accuracy_matrix.png": accuracy_matrix_figure(mean_matrix, task_names(cells), seeds),
+        "accuracy_over_stream.png": accuracy_over_stream_figure(mean_matrix, seeds),
+        "forgetting.png": forgetting_figure(summary, labels, seeds),
+    }
+    for name, fig in figures.items():
+        save_figure(fig, output / name)
+        plt.close(fig)
+    return list(figures)
+
+
+def mean_accuracy_matrix(cells: list[dict]) -> np.ndarray:
+    """The accuracy matrices of one method's cells averaged over seeds (None/NaN: not measured)."""
+    mats = [np.array(c["result"]["accuracy_matrix"], dtype=float) for c in cells]
+    with warnings.catch_warnings():  # cells no seed measured (forward_transfer=False) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(mats), axis=0)
+
+
+def task_names(cells: list[dict]) -> list[str] | None:
+    """The task names the cells were run with (``task_names`` of a cell record), if any."""
+    for cell in cells:
+        names = cell["result"].get("task_names")
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return names
+    return None
+
+
+def accuracy_matrix_figure(mean_matrix: dict[str, np.ndarray], names: list[str] | None, seeds: int):
+    """One heatmap per method (accuracy in %, tasks by name) with a shared colour bar."""
+    plt = pyplot()
+
+    fig, axes = plt.subplots(1, len(mean_matrix), figsize=(3.4 * len(mean_matrix) + 1.5, 3.8), squeeze=False,
+                             sharey=True, layout="constrained")
+    image = None
+    for k, (ax, (label, matrix)) in enumerate(zip(axes[0], mean_matrix.items())):
+        n = matrix.shape[0]
+        ticks = names if names is not None and len(names) == n else [str(t + 1) for t in range(n)]
+        image = ax.imshow(100 * matrix, vmin=0, vmax=100, cmap="viridis")
+        ax.set_xticks(range(n), ticks, rotation=45, ha="right")
+        ax.set_yticks(range(n), ticks)
+        if n <= 10:
             for (i, j), value in np.ndenumerate(matrix):
                 if not np.isnan(value):
                     ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
                             color="white" if value < 0.6 else "black")
-        ax.set_title(label)
-        ax.set_xlabel("evaluated task j")
-        ax.set_ylabel("after training task i")
-    fig.tight_layout()
-    save_figure(fig, output / "accuracy_matrix.png")
-    plt.close(fig)
-    names.append("accuracy_matrix.png")
-    fig = accuracy_over_stream_figure(mean_matrix)
-    save_figure(fig, output / "accuracy_over_stream.png")
-    plt.close(fig)
-    names.append("accuracy_over_stream.png")
-    summary, _ = summarise(config, cells)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    means = [summary[label]["forgetting"]["mean"] or 0.0 for label in labels]
-    stds = [summary[label]["forgetting"]["std"] or 0.0 for label in labels]
-    ax.bar(labels, means, yerr=stds, capsize=4)
-    ax.set_ylabel("average forgetting")
-    save_figure(fig, output / "forgetting.png")
-    plt.close(fig)
-    names.append("forgetting.png")
-    return names
+        ax.set_title(f"{label} ({seeds_note(seeds)})", fontsize=9)
+        ax.set_xlabel("evaluated task")
+        if k == 0:
+            ax.set_ylabel("after training task")
+    fig.colorbar(image, ax=list(axes[0]), label="accuracy (%)", shrink=0.8)
+    return fig
 
 
-def accuracy_over_stream_figure(mean_matrix: dict[str, np.ndarray]):
+def accuracy_over_stream_figure(mean_matrix: dict[str, np.ndarray], seeds: int | None = None):
     """Mean accuracy on the tasks seen so far after each task, one line per method; the x-axis
     counts tasks, so its ticks are integers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, m in mean_matrix.items():
@@ -171,7 +219,24 @@ def accuracy_over_stream_figure(mean_matrix: dict[str, np.ndarray]):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("mean accuracy on tasks seen")
+    if seeds is not None:
+        ax.set_title(seeds_note(seeds))
     ax.legend()
+    return fig
+
+
+def forgetting_figure(summary: dict, labels: list[str], seeds: int):
+    """Average forgetting per method in % (as the table), with ± one standard deviation over seeds."""
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    stats = [summary[label]["forgetting"] for label in labels]
+    means = [100 * (s["mean"] or 0.0) for s in stats]
+    stds = [100 * (s["std"] or 0.0) for s in stats]
+    ax.bar(labels, means, yerr=stds if seeds > 1 else None, capsize=4)
+    ax.set_ylabel("average forgetting (%)")
+    bars = "error bars: ± 1 standard deviation over seeds" if seeds > 1 else "one seed: no error bars"
+    ax.set_title(f"{seeds_note(seeds)}; {bars}", fontsize=9)
     return fig
 
 
@@ -230,7 +295,8 @@ def write_report(output: Path, config: dict, cells: list[dict] | None = None) ->
     seeds = ", ".join(map(str, config["seeds"]))
     text = [f"# {config['name']}", "",
             f"Kind: {config['kind']}; seeds: {seeds}; mean ± std over seeds (accuracies in %). "
-            "Bold: best per metric.", "", table, ""]
+            "Bold: best per metric (every method tied with it at the shown precision too).", "", table, "",
+            PLOTS_NOTE[config["kind"]], ""]
     text += [f"![{p}]({p})" for p in plots]
     atomic_write_text(str(output / "report.md"), "\n".join(text) + "\n")
     print("\n" + table)
