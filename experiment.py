@@ -129,10 +129,10 @@ def check_adapter(adapter: dict) -> None:
 
 
 def validate_continual(config: dict) -> dict:
-    from .continual import METHODS
+    from .continual import available_methods
 
     config["stream"] = named_section(config["stream"], "stream", allowed=sorted(STREAMS))
-    config["methods"] = method_list(config["methods"], "methods", METHODS)
+    config["methods"] = method_list(config["methods"], "methods", tuple(available_methods()))
     config["training"] = check_training(config.get("training", {}), config["adapter"])
     check_stream_and_model(config)
     check_stream_options(config["stream"])
