@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 
+from .adapter_modes import osf_factory
 from .config import RunConfig
 from .hooks import Context, ContinualMethod, HookError, MethodConfig
 from .methods.classp import CLASSP, ClasspMethod
@@ -54,7 +55,7 @@ __all__ = [
     "RunConfig", "StreamResult", "TextClassifier", "TextStream", "TextTask", "VerbalizerLoss", "accuracy",
     "available_methods", "average_accuracy", "average_forgetting", "avalanche_forgetting", "backward_transfer",
     "benchmark_from_tensors", "cl_benchmark", "forward_transfer", "kernel_matrix", "krr_logits", "load_model",
-    "migu_mask", "permuted_digits", "register_method", "rehearsal_schedule", "rehearsal_weights", "rotated_digits",
+    "migu_mask", "osf_factory", "permuted_digits", "register_method", "rehearsal_schedule", "rehearsal_weights", "rotated_digits",
     "run_stream", "split_digits", "stdlib_stream", "summarize", "supcon_loss", "text_stream", *_LAZY,
 ]
 

@@ -29,7 +29,8 @@ from torch import nn
 
 from .hooks import Context, ContinualMethod
 
-__all__ = ["AdapterMode", "Backbone", "MODES", "adapted_model", "experience_steps", "make_mode"]
+__all__ = ["AdapterMode", "Backbone", "MODES", "adapted_model", "experience_index", "experience_steps", "make_mode",
+           "osf_factory", "subspace_overlap"]
 
 
 class Backbone(nn.Module):
@@ -94,6 +95,10 @@ class AdapterMode(ContinualMethod):
     def predict(self, x: Any, j: int) -> torch.Tensor | None:
         return self.holder(x)
 
+    def metrics(self) -> dict:
+        """Measurements of the adapters at the end of the run (``result.metrics``)."""
+        return {}
+
     def structure(self) -> dict:
         """What must be rebuilt before a checkpoint's tensors can be loaded (plain values)."""
         return {}
@@ -127,14 +132,47 @@ class PerTask(AdapterMode):
     def router(self):
         return self.holder.backbone
 
+    @property
+    def task_router(self):
+        """The task inference (``task_inference=...``), or None (the task id routes)."""
+        return getattr(self, "inference", None)
+
+    def build_inference(self, kind: str | None, classes: dict[int, list[int]], batch_size: int) -> None:
+        if kind is not None:
+            from .task_inference import TaskInference
+
+            self.inference = TaskInference(self.holder, kind, classes)
+            self.inference_batch = batch_size
+
     def before_experience(self, ctx: Context) -> None:
         i = ctx.experience
         if i not in self.router.tasks:
             self.router.add_task(i, **self.options_for(self.steps[i] if i < len(self.steps) else 1))
         self.router.set_task(i)
+        if self.task_router is not None:
+            self.task_router.reset_counts()
+
+    def after_experience(self, ctx: Context) -> None:
+        if self.task_router is not None:
+            self.task_router.learn(ctx.experience, ctx.experiences[ctx.experience].dataset, self.inference_batch,
+                                   ctx.device)
 
     def predict(self, x: Any, j: int) -> torch.Tensor | None:
+        if self.task_router is not None:
+            return self.task_router.route_and_run(x, true_task=j) if self.router.tasks else None
         return self.holder(x, task_id=j) if j in self.router.tasks else None
+
+    def metrics(self) -> dict:
+        if self.task_router is None:
+            return {}
+        return {"task_inference_accuracy": self.task_router.accuracy()}
+
+    def state_dict(self) -> dict:
+        return {"router": self.task_router.router.state_dict()} if self.task_router is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.task_router is not None and state:
+            self.task_router.router.load_state_dict(state["router"])
 
     def structure(self) -> dict:
         return {"tasks": [int(t) for t in self.router.tasks]}
@@ -245,34 +283,50 @@ class Incremental(AdapterMode):
     def activate(self, trainable: str) -> None:
         """All adapters active, only ``trainable`` trains (the earlier ones stay bit-identical)."""
         adapted = self.holder.backbone
-        order = sorted(self.names, key=lambda n: int(n.split("_")[1]))
+        order = sorted(self.names, key=experience_index)
         adapted.set_adapter(order)
         for layer in adapted.adapted_layers():
             for name, adapter in layer.adapters.items():
                 adapter.set_trainable(name == trainable)
 
-    def frozen_factors(self, current: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """Per adapted layer: its name, the stacked A of the earlier adapters and the current A."""
-        for layer_name, layer in self.holder.backbone.named_modules():
-            adapters = getattr(layer, "adapters", None)
-            if not isinstance(adapters, nn.ModuleDict) or current not in adapters:
-                continue
-            earlier = [adapters[n].lora_factors()[0] for n in self.names if n != current and n in adapters]
-            a_t = adapters[current].lora_factors()[0]
-            if earlier:
-                yield layer_name, torch.cat([a.detach() for a in earlier], 0), a_t
+    def metrics(self) -> dict:
+        names = sorted(self.names, key=experience_index)
+        return {"subspace_overlap": subspace_overlap(self.holder, names[-1])} if names else {}
 
     def structure(self) -> dict:
         return {"adapters": self.names}
 
     def rebuild(self, structure: dict, experiences: list) -> None:
         for name in structure["adapters"]:
-            i = int(name.split("_")[1])
+            i = experience_index(name)
             if name not in self.names:
                 self.holder.backbone.add_adapter(name, self.adapter,
                                                  **self.options_for(self.steps[i] if i < len(self.steps) else 1))
         if structure["adapters"]:
             self.activate(structure["adapters"][-1])
+
+
+def experience_index(name: str) -> int:
+    """``exp_<t>`` → t (the incremental adapters' names)."""
+    return int(name.split("_")[1])
+
+
+@torch.no_grad()
+def subspace_overlap(model: nn.Module, current: str) -> float:
+    """Mean over adapted layers of ``Σ_{i<t} ‖A_i A_tᵀ‖²_F / (‖A_i‖²_F ‖A_t‖²_F)`` for the incremental
+    adapters ``exp_i`` and ``current`` = ``exp_t`` (0: orthogonal subspaces; NaN for the first adapter)."""
+    values = []
+    for module in model.modules():
+        adapters = getattr(module, "adapters", None)
+        if not isinstance(adapters, nn.ModuleDict) or current not in adapters:
+            continue
+        a_t = adapters[current].lora_A.double()
+        earlier = [adapters[n].lora_A.double() for n in adapters
+                   if n.startswith("exp_") and experience_index(n) < experience_index(current)]
+        if earlier:
+            values.append(sum(float((a @ a_t.T).square().sum() / (a.square().sum() * a_t.square().sum()))
+                              for a in earlier))
+    return sum(values) / len(values) if values else math.nan
 
 
 MODES: dict[str | None, type[AdapterMode]] = {None: AdapterMode, "shared": Shared, "per_task": PerTask,
@@ -284,6 +338,28 @@ def make_mode(mode: str | None, holder: nn.Module, adapter: Any, options: dict, 
     hook = MODES[mode](holder, adapter, options, steps, **settings)
     hook.build()
     return hook
+
+
+def osf_factory(target_modules, num_tasks: int, first: float = 0.3, last: float = 0.7):
+    """A sequential-mode factory for PEFT's OSF (orthogonal subspace fine-tuning): experience t gets
+    ``get_peft_model(model, OSFConfig(target_modules, effective_rank=r_t))`` with the preserved
+    fraction ``r_t`` rising linearly from ``first`` to ``last`` over the tasks, the schedule of PEFT's
+    continual-learning example (0.3, 0.5, 0.7 for three tasks); between experiences the engine folds
+    the update into the base (``merge_and_unload``)."""
+    if not (0 < first <= last <= 1):
+        raise ValueError(f"osf_factory: need 0 < first <= last <= 1, got first={first}, last={last}")
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"osf_factory: num_tasks must be a positive integer, got {num_tasks!r}")
+
+    def factory(model: nn.Module, experience: int) -> nn.Module:
+        from peft import OSFConfig, get_peft_model
+
+        step = (last - first) / (num_tasks - 1) if num_tasks > 1 else 0.0
+        rank = first + step * min(experience, num_tasks - 1)
+        return get_peft_model(model, OSFConfig(target_modules=target_modules, effective_rank=rank))
+
+    factory.__qualname__ = f"osf_factory({num_tasks} tasks, {first}-{last})"
+    return factory
 
 
 def experience_steps(sizes: list[int], epochs: int, batch_size: int) -> list[int]:

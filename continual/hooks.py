@@ -13,6 +13,7 @@ method it is. Every engine calls them in the same order::
                 optimizer step
                 after_step(ctx)         the parameters moved
     after_experience(ctx)               the experience is done (EWC importances, LwF's teacher)
+    evaluating(model, j)                a context in which the model predicts experience j (per-task weights)
     state_dict() / load_state_dict()    what a checkpoint keeps (tensors and plain values only)
     memory()                            what the method holds besides the model (samples, floats)
 
@@ -24,8 +25,9 @@ the hook when one raises.
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -168,6 +170,10 @@ class ContinualMethod:
     def after_experience(self, ctx: Context) -> None:
         pass
 
+    def evaluating(self, model: nn.Module, experience: int) -> ContextManager:
+        """A context in which ``model`` predicts experience ``experience`` (default: as it is)."""
+        return nullcontext()
+
     def state_dict(self) -> dict:
         return {}
 
@@ -217,6 +223,21 @@ class HookList:
         if len(own) > 1:
             raise ValueError(f"methods {[h.name for h, _ in own]} each bring their own optimizer; combine at most one")
         return own[0][1] if own else None
+
+    @contextmanager
+    def evaluating(self, model: nn.Module, experience: int) -> Iterator[None]:
+        with ExitStack() as stack:
+            for h in self.hooks:
+                stack.enter_context(h.evaluating(model, experience))
+            yield
+
+    def task_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Per-experience tensors kept by a method (per-task fine-tuning), if any."""
+        for h in self.hooks:
+            states = getattr(h, "task_states", None)
+            if states is not None:
+                return states()
+        return {}
 
     def state_dict(self) -> dict:
         return {str(i): h.state_dict() for i, h in enumerate(self.hooks)}

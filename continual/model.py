@@ -168,7 +168,9 @@ class ContinualModel:
             save_file(_contiguous(_merged_state(self.module)), str(folder / "model.safetensors"))
             info["adapters"] = None
         if self.router is not None:
-            save_file(_contiguous(self.router.state_dict()), str(folder / "router.safetensors"))
+            info["task_inference"] = {"kind": self.router.kind, "classes": {str(k): v for k, v in self.router.classes.items()}}
+            if self.router.kind == "prototype":
+                save_file(_contiguous(self.router.router.state_dict()), str(folder / "router.safetensors"))
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(folder / "tokenizer"))
         (folder / CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True))
@@ -242,19 +244,22 @@ def load_model(base: nn.Module, directory: str | os.PathLike, tokenizer=None) ->
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-    router = None
-    if (folder / "router.safetensors").is_file():
-        from lifelong.adapters.routing import PrototypeRouter
-
-        router = PrototypeRouter()
-        router.load_state_dict(load_file(str(folder / "router.safetensors")))
-    model = ContinualModel(module, info, tokenizer, None)
-    if router is not None:
-        from .task_inference import TaskInference
-
-        model.router = TaskInference.for_model(module, router)
+    model = ContinualModel(module, info, tokenizer, _task_inference(module, folder, info))
     module.eval()
     return model
+
+
+def _task_inference(module: nn.Module, folder: Path, info: dict):
+    """The saved task inference of a per-task model, or None."""
+    saved = info.get("task_inference")
+    if saved is None:
+        return None
+    from .task_inference import TaskInference
+
+    inference = TaskInference(module, saved["kind"], {int(k): v for k, v in saved["classes"].items()})
+    if saved["kind"] == "prototype":
+        inference.router.load_state_dict(load_file(str(folder / "router.safetensors")))
+    return inference
 
 
 def _load_adapters(base: nn.Module, folder: Path, info: dict) -> nn.Module:

@@ -96,6 +96,11 @@ def run_stream(model: nn.Module, stream, method: Any = "naive", *, method_option
     holder = text.classifier(model) if text is not None else Backbone(model)
     steps = experience_steps([len(e.dataset) for e in train_exps], settings.epochs, settings.batch_size)
     mode_hook = _mode(mode, holder, settings, steps, text)
+    if settings.task_inference is not None:
+        from .streams import experience_classes
+
+        mode_hook.build_inference(settings.task_inference, {i: experience_classes(e) for i, e in enumerate(train_exps)},
+                                  settings.eval_batch_size)
     holder.to(device)
     if engine != "avalanche":
         train_exps = [Experience(e, i) for i, e in enumerate(train_exps)]
@@ -104,6 +109,7 @@ def run_stream(model: nn.Module, stream, method: Any = "naive", *, method_option
     record = _record(settings, methods, engine, scenario, train_exps, test_exps, text, holder)
     test_sets = [Experience(e, j) for j, e in enumerate(test_exps)]
     result = _loop(runner, record, settings, train_exps, test_sets, masks, device)
+    result.metrics.update(mode_hook.metrics())
     from .model import ContinualModel
 
     result.model = ContinualModel.from_run(runner, text, tokenizer, settings, scenario, masks)
@@ -162,7 +168,7 @@ def _loop(runner, config: dict, settings: RunConfig, train_exps, test_exps, mask
     n, seed, checkpoint_dir = len(train_exps), settings.seed, settings.checkpoint_dir
     matrix = AccuracyMatrix(n)
     start, elapsed, steps, step_time = 0, 0.0, 0, 0.0
-    state = load_checkpoint(checkpoint_dir, config) if settings.resume else None
+    state = load_checkpoint(checkpoint_dir, config, experiences=n) if settings.resume else None
     if state is not None:
         runner.load_state_dict(state["runner"], train_exps)
         matrix = AccuracyMatrix.from_array(state["matrix"].numpy(), state["initial"].numpy())
@@ -178,6 +184,7 @@ def _loop(runner, config: dict, settings: RunConfig, train_exps, test_exps, mask
                 matrix.record_initial(j, a)
     bar = tqdm(range(start, n), desc=f"{config['method']} ({config['engine']})", disable=not settings.progress,
                initial=start, total=n, unit="exp")
+    board = _board(settings.tensorboard)
     for i in bar:
         torch.manual_seed(experience_seed(seed, i))
         s, st = runner.train_experience(i, train_exps)
@@ -188,6 +195,8 @@ def _loop(runner, config: dict, settings: RunConfig, train_exps, test_exps, mask
                 matrix.record(i, j, a)
         row = matrix.as_array()[i, : i + 1]
         bar.set_postfix(avg_acc=f"{np.nanmean(row):.3f}", steps_per_s=f"{steps / max(step_time, 1e-9):.1f}")
+        if board is not None:
+            _log_experience(board, i, matrix.as_array()[i], (config.get("text") or {}).get("tasks"), steps / max(step_time, 1e-9))
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, {
                 "fingerprint": fingerprint(config), "config": json.dumps(config, sort_keys=True, default=str),
@@ -195,9 +204,30 @@ def _loop(runner, config: dict, settings: RunConfig, train_exps, test_exps, mask
                 "step_time": step_time, "matrix": torch.from_numpy(matrix.as_array()),
                 "initial": torch.from_numpy(matrix.initial()), "runner": runner.state_dict()})
     bar.close()
+    if board is not None:
+        board.close()
     return StreamResult(
         method=config["method"], engine=config["engine"], scenario=config["scenario"], seed=seed,
         accuracy_matrix=matrix.as_array().tolist(), initial_accuracy=matrix.initial().tolist(),
         wall_time_s=elapsed + time.perf_counter() - t0, train_steps=steps,
         step_time_s=step_time / max(steps, 1), trainable_parameters=runner.trainable_parameters(),
         memory=runner.memory(), config=json.loads(json.dumps(config, default=str)))
+
+
+def _board(folder):
+    """A TensorBoard writer for ``folder`` (None: no logging)."""
+    if folder is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(folder))
+
+
+def _log_experience(board, i: int, row: np.ndarray, names: list[str] | None, steps_per_s: float) -> None:
+    """Accuracy on every experience measured after training experience ``i`` (x axis: experience index)."""
+    for j, a in enumerate(row):
+        if not np.isnan(a):
+            board.add_scalar(f"accuracy/{names[j] if names else j}", float(a), i)
+    board.add_scalar("accuracy/average_seen", float(np.nanmean(row[: i + 1])), i)
+    board.add_scalar("speed/steps_per_s", float(steps_per_s), i)
+    board.flush()

@@ -139,6 +139,22 @@ class TextClassifier(nn.Module):
             return self._head_logits(ids, mask, extra)
         return self._verbalizer_scores(ids, mask, extra)
 
+    @torch.no_grad()
+    def features(self, x: Tensor) -> Tensor:
+        """The mean-pooled last hidden state of each packed sample, ``(N, hidden)`` (the encoder's for
+        encoder-decoders): what task inference compares (see :mod:`.task_inference`)."""
+        inputs = unpack_text(x)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        if self.encoder_decoder:
+            hidden = _inner(self.backbone).get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        elif self.route == "head" and self.head is not None:
+            out = self.backbone(input_ids=ids, attention_mask=mask)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        else:
+            hidden = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
     def _head_logits(self, ids: Tensor, mask: Tensor, extra: dict) -> Tensor:
         out = self.backbone(input_ids=ids, attention_mask=mask, **extra)
         if self.head is None:
@@ -173,7 +189,8 @@ class TextClassifier(nn.Module):
         att = torch.zeros_like(seq)
         att[:, :, :length] = mask[:, None]
         att.scatter_(2, pos, lmask.expand(b, k, w))
-        logits = self.backbone(input_ids=seq.reshape(b * k, -1), attention_mask=att.reshape(b * k, -1), **extra).logits
+        logits = self.backbone(input_ids=seq.reshape(b * k, -1), attention_mask=att.reshape(b * k, -1),
+                               **_repeat_tasks(extra, k)).logits
         at = (pos - 1).reshape(b * k, w, 1).expand(-1, -1, logits.shape[-1])
         logp = F.log_softmax(logits.gather(1, at).float(), dim=-1)
         return logp.gather(2, labels.expand(b, k, w).reshape(b * k, w, 1)).reshape(b, k, w)
@@ -187,9 +204,17 @@ class TextClassifier(nn.Module):
         dec = torch.cat([torch.full((k, 1), start, dtype=labels.dtype, device=labels.device), labels[:, :-1]], 1)
         rep_ids, rep_mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
         logits = self.backbone(input_ids=rep_ids, attention_mask=rep_mask, decoder_input_ids=dec.repeat(b, 1),
-                               **extra).logits
+                               **_repeat_tasks(extra, k)).logits
         logp = F.log_softmax(logits.float(), dim=-1)
         return logp.gather(2, labels.repeat(b, 1).unsqueeze(-1)).reshape(b, k, w)
+
+
+def _repeat_tasks(extra: dict, k: int) -> dict:
+    """Per-sample task ids repeated for the k label candidates each sample is scored with."""
+    task = extra.get("task_id")
+    if isinstance(task, Tensor) and task.dim() == 1:
+        return {**extra, "task_id": task.repeat_interleave(k)}
+    return extra
 
 
 class TextSetup:

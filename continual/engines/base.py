@@ -100,7 +100,8 @@ class Engine:
             return self.owner.predict(self.model, x, j)
         self.model.eval()
         set_candidates(self.model, None, self.masks, task=j)
-        return self.mode.predict(x, j)
+        with self.hooks.evaluating(self.model, j):
+            return self.mode.predict(x, j)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
