@@ -22,6 +22,7 @@ ADAPTER_MODES = ("shared", "per_task", "sequential", "incremental")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 ROUTES = ("auto", "head", "verbalizer")
 TASK_INFERENCE = ("prototype", "confidence")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _finite_positive(name: str, value: Any) -> None:
@@ -64,6 +65,10 @@ class RunConfig:
         forward_transfer: also evaluate before training and on future experiences (FWT).
         training_args: ``TrainingArguments`` overrides for ``engine="trainer"``.
         tensorboard: a folder for TensorBoard event files of each experience's metrics, or None.
+        precision: ``fp32``, or ``bf16`` (``torch.autocast`` around forward passes; adapters keep
+            fp32 weights; on CPUs with AVX512-BF16 or AMX this is faster).
+        length_buckets: batch text samples of similar length (less padding; text streams only).
+        compile: ``torch.compile`` the model's forward (inductor; first steps are slow while it compiles).
     """
 
     adapter: Any = None
@@ -88,6 +93,9 @@ class RunConfig:
     forward_transfer: bool = True
     training_args: dict | None = None
     tensorboard: str | None = None
+    precision: str = "fp32"
+    length_buckets: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,7 +106,8 @@ class RunConfig:
         positive_int("max_length (tokens per sequence)", self.max_length)
         non_negative_int("seed", self.seed)
         _finite_positive("lr", self.lr)
-        for name in ("resume", "progress", "forward_transfer"):
+        one_of("precision", self.precision, PRECISIONS)
+        for name in ("resume", "progress", "forward_transfer", "length_buckets", "compile"):
             _boolean(name, getattr(self, name))
         one_of("engine", self.engine, ENGINES)
         one_of("route", self.route, ROUTES)

@@ -73,10 +73,48 @@ class _Shuffle(torch.utils.data.Sampler):
         yield from torch.randperm(self.size, generator=self.generator).tolist()
 
 
-def shuffled_loader(data, batch_size: int, seed: int) -> DataLoader:
-    """Batches of ``data`` in an order fixed by ``seed`` (a new permutation each epoch)."""
+def shuffled_loader(data, batch_size: int, seed: int, buckets: bool = False) -> DataLoader:
+    """Batches of ``data`` in an order fixed by ``seed`` (a new permutation each epoch).
+
+    ``buckets=True`` (packed text samples only): batches of similar token counts, so that a batch
+    pads to less (see :class:`_LengthBuckets`)."""
     g = torch.Generator().manual_seed(seed)
+    if buckets:
+        return DataLoader(data, batch_sampler=_LengthBuckets(token_counts(data), batch_size, g))
     return DataLoader(data, batch_size=batch_size, sampler=_Shuffle(len(data), g), generator=g)
+
+
+def token_counts(data) -> torch.Tensor:
+    """Tokens of each packed ``(2, L)`` text sample (its attention mask's sum)."""
+    first = data[0][0]
+    if not (isinstance(first, torch.Tensor) and first.dim() == 2 and first.shape[0] == 2):
+        raise ValueError("length buckets need packed text samples (2, L); this stream holds other inputs")
+    return torch.stack([data[i][0][1].sum() for i in range(len(data))])
+
+
+class _LengthBuckets(torch.utils.data.Sampler):
+    """Batches of similar length: each pass shuffles the samples, cuts the permutation into windows
+    of 50 batches, sorts each window by token count, cuts it into batches and shuffles the batches
+    (the "bucket by sequence length" of the Hugging Face Trainer's ``group_by_length``)."""
+
+    WINDOW = 50
+
+    def __init__(self, lengths: torch.Tensor, batch_size: int, generator: torch.Generator):
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator)
+        span = self.WINDOW * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            window = order[start:start + span]
+            window = window[torch.argsort(self.lengths[window], descending=True, stable=True)]
+            batches += [window[k:k + self.batch_size].tolist() for k in range(0, len(window), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[b]
 
 
 def experience_seed(seed: int, index: int) -> int:

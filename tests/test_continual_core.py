@@ -289,3 +289,34 @@ def test_continual_callback_rehearses_in_a_users_trainer_and_ends_without_experi
     assert not migu.attached
     with pytest.raises(ValueError, match="add to the loss"):
         lc.ContinualCallback(lc.EWC())
+
+
+# ---- speed options ------------------------------------------------------------------------------------------
+def test_length_buckets_batch_similar_lengths_and_cover_every_sample_once():
+    from lifelong.continual.loop import shuffled_loader
+
+    lengths = torch.tensor([3, 9, 1, 7, 5, 2, 8, 4, 6, 10] * 20)
+    x = torch.zeros(len(lengths), 2, 12, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        x[i, 1, :n] = 1
+    data = torch.utils.data.TensorDataset(x, torch.arange(len(lengths)))
+    seen, spreads = [], []
+    for xb, idx in shuffled_loader(data, 8, seed=3, buckets=True):
+        seen += idx.tolist()
+        counts = xb[:, 1].sum(1)
+        spreads.append(int(counts.max() - counts.min()))
+    assert sorted(seen) == list(range(len(lengths)))  # each sample once per pass
+    assert max(spreads) <= 1  # 200 samples in one window: sorted batches of near-equal length
+    again = [idx.tolist() for _, idx in shuffled_loader(data, 8, seed=3, buckets=True)]
+    assert again == [idx.tolist() for _, idx in shuffled_loader(data, 8, seed=3, buckets=True)]
+    with pytest.raises(ValueError, match="packed text samples"):
+        shuffled_loader(torch.utils.data.TensorDataset(torch.zeros(4, 3), torch.zeros(4)), 2, 0, buckets=True)
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32(split3):
+    fp32 = lc.run_stream(_mlp(), split3, "naive", lr=0.05, progress=False)
+    bf16 = lc.run_stream(_mlp(), split3, "naive", lr=0.05, precision="bf16", progress=False)
+    assert np.abs(np.asarray(fp32.accuracy_matrix) - np.asarray(bf16.accuracy_matrix)).max() < 0.1
+    assert all(p.dtype == torch.float32 for p in bf16.model.module.parameters())
+    with pytest.raises(ValueError, match="precision must be one of"):
+        lc.run_stream(_mlp(), split3, "naive", precision="fp8")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..adapter_modes import AdapterMode
 from ..hooks import Context, ContinualMethod, HookList
-from ..loop import make_optimizer, restrict_logits, set_candidates, trainable, unpack
+from ..loop import experience_seed, make_optimizer, restrict_logits, set_candidates, shuffled_loader, trainable, unpack
 
 __all__ = ["Engine"]
 
@@ -46,6 +46,7 @@ class Engine:
         self.owner = methods[0] if methods[0].capabilities is not None and methods[0].capabilities.owns_loop else None
         self.optimizer: torch.optim.Optimizer | None = None
         self._optimized: list[int] = []
+        self.forward = torch.compile(model, dynamic=True) if settings.compile else model
 
     @property
     def name(self) -> str:
@@ -77,10 +78,21 @@ class Engine:
             self._optimized = ids
         return self.optimizer
 
+    def autocast(self):
+        """``torch.autocast`` in bf16 when the run asks for it, else a no-op context."""
+        enabled = self.settings.precision == "bf16"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def loader(self, data, i: int):
+        """Experience i's seeded batches (length-bucketed when asked)."""
+        return shuffled_loader(data, self.batch_size, experience_seed(self.seed, i), self.settings.length_buckets)
+
     def batch_loss(self, ctx: Context, batch) -> torch.Tensor:
         """The training loss of one batch (forward, task masking, criterion); fills ctx's batch fields."""
         x, y, t = unpack(batch, self.device)
-        logits = self.model(x)
+        with self.autocast():
+            logits = self.forward(x)
+        logits = logits.float()
         ctx.inputs, ctx.targets, ctx.task_ids, ctx.logits = x, y, t, logits
         return self.criterion(restrict_logits(logits, t, self.masks, ctx.experience), y)
 
@@ -100,8 +112,9 @@ class Engine:
             return self.owner.predict(self.model, x, j)
         self.model.eval()
         set_candidates(self.model, None, self.masks, task=j)
-        with self.hooks.evaluating(self.model, j):
-            return self.mode.predict(x, j)
+        with self.hooks.evaluating(self.model, j), self.autocast():
+            out = self.mode.predict(x, j)
+        return None if out is None else out.float()
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

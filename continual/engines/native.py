@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-from ..loop import experience_seed, shuffled_loader
 from .base import Engine
 
 __all__ = ["NativeEngine"]
@@ -29,7 +28,7 @@ class NativeEngine(Engine):
         ctx, data = self.start_experience(i, train_exps)
         steps, step_time = 0, 0.0
         if len(data):
-            loader = shuffled_loader(data, self.batch_size, experience_seed(self.seed, i))
+            loader = self.loader(data, i)
             opt = ctx.optimizer
             self.model.train()
             for _ in range(self.epochs):

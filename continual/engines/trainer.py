@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from ..hooks import Context, ContinualMethod, HookList
-from ..loop import experience_seed, shuffled_loader
+from ..loop import experience_seed
 from .base import Engine
 
 __all__ = ["ContinualCallback", "ContinualTrainer", "TrainerEngine"]
@@ -158,7 +158,7 @@ class TrainerEngine(Engine):
         ctx, data = self.start_experience(i, train_exps)
         steps, seconds = self.timer.steps, self.timer.seconds
         if len(data):
-            loader = shuffled_loader(data, self.batch_size, experience_seed(self.seed, i))
+            loader = self.loader(data, i)
             constant = torch.optim.lr_scheduler.LambdaLR(ctx.optimizer, lambda _: 1.0)
             with tempfile.TemporaryDirectory() as folder:
                 trainer = ContinualTrainer(
