@@ -36,7 +36,7 @@ from .report import CorruptCell, load_cell, write_report
 
 COMMON_KEYS = {"kind", "name", "seeds", "model", "adapter"}
 SECTION_KEYS = {
-    "continual": COMMON_KEYS | {"stream", "methods", "training"},
+    "continual": COMMON_KEYS | {"stream", "methods", "training", "orders"},
     "federated": COMMON_KEYS | {"data", "federation", "partition", "participation", "local_steps", "speed", "algorithms"},
 }
 REQUIRED = {"continual": {"stream", "methods"}, "federated": {"algorithms"}}
@@ -134,8 +134,11 @@ def validate_continual(config: dict) -> dict:
     config["stream"] = named_section(config["stream"], "stream", allowed=sorted(STREAMS))
     config["methods"] = method_list(config["methods"], "methods", tuple(available_methods()))
     config["training"] = check_training(config.get("training", {}), config["adapter"])
+    config["orders"] = check_orders(config.get("orders"), config["stream"])
     check_stream_and_model(config)
-    check_stream_options(config["stream"])
+    for order in config["orders"] or [None]:
+        options = config["stream"]["options"] if order is None else {**config["stream"]["options"], "tasks": order}
+        check_stream_options({**config["stream"], "options": options})
     if config["model"]["name"] in DIGITS_MODEL_NAMES:
         check_digits_model(config["model"])
     task_aware = config["stream"]["options"].get("task_incremental") or config["stream"]["options"].get("task_labels")
@@ -143,6 +146,24 @@ def validate_continual(config: dict) -> dict:
         raise ConfigError("adapter 'clr' routes by task id: the stream needs task ids "
                           "(stream.options.task_incremental: true, or task_labels: true)")
     return config
+
+
+def check_orders(orders: Any, stream: dict) -> list | None:
+    """``orders:`` (cl_benchmark streams): several task orders, each a list of task names or a preset
+    (``order1`` …); every (method, order, seed) is one run and the report aggregates over all of them."""
+    if orders is None:
+        return None
+    if stream["name"] != "cl_benchmark":
+        raise ConfigError(f"orders: task orders are for the cl_benchmark stream, not {stream['name']!r}")
+    if not isinstance(orders, list) or not orders:
+        raise ConfigError(f"orders must be a non-empty list of task lists or presets, got {orders!r}")
+    for k, order in enumerate(orders):
+        ok = isinstance(order, str) or (isinstance(order, list) and order and all(isinstance(t, str) for t in order))
+        if not ok:
+            raise ConfigError(f"orders[{k}] must be a preset name or a list of task names, got {order!r}")
+    if "tasks" in stream["options"]:
+        raise ConfigError("give the tasks either as stream.options.tasks or as orders:, not both")
+    return orders
 
 
 def check_stream_and_model(config: dict) -> None:
@@ -159,7 +180,7 @@ def check_stream_and_model(config: dict) -> None:
         raise ConfigError(f"training keys {list(TEXT_TRAINING_KEYS)} are for text streams only")
     if stream["name"] == "cl_benchmark":
         options = stream["options"]
-        if "folder" not in options or "tasks" not in options:
+        if "folder" not in options or ("tasks" not in options and not config.get("orders")):
             raise ConfigError("stream cl_benchmark needs stream.options.folder (the CL_Benchmark folder) and "
                               "stream.options.tasks (names or a preset); e.g. stream.options.folder=../shared/data/"
                               "cl_benchmark")
@@ -434,32 +455,46 @@ class Cell:
     label: str
     seed: int
     spec: dict
+    order: int | None = None  # index into the config's orders (None: the stream's own tasks)
 
     @property
     def key(self) -> str:
-        return f"{self.label}__seed{self.seed}"
+        middle = "" if self.order is None else f"__order{self.order}"
+        return f"{self.label}{middle}__seed{self.seed}"
 
 
 def cells_of(config: dict) -> list[Cell]:
     methods = config["methods"] if config["kind"] == "continual" else config["algorithms"]
-    return [Cell(m["label"], seed, m) for m in methods for seed in config["seeds"]]
+    orders = list(range(len(config["orders"]))) if config.get("orders") else [None]
+    return [Cell(m["label"], seed, m, order) for m in methods for order in orders for seed in config["seeds"]]
+
+
+def stream_options(config: dict, cell: Cell) -> dict:
+    """The stream's options for ``cell`` (its task order when the config has ``orders``)."""
+    options = dict(config["stream"]["options"])
+    if cell.order is not None:
+        options["tasks"] = config["orders"][cell.order]
+    return options
 
 
 def run_continual_cell(config: dict, cell: Cell, workdir: Path | None, progress: bool = False) -> dict:
     from .continual import run_stream
 
-    stream = _streams()[config["stream"]["name"]](**config["stream"]["options"])
+    stream = _streams()[config["stream"]["name"]](**stream_options(config, cell))
     text = {}
     if config["stream"]["name"] in TEXT_STREAMS:
         model, text["tokenizer"] = build_hf_model(config)
     else:
         model = build_model(config, cell.seed)
     adapter = config["adapter"]
+    training = dict(config["training"])
+    if training.get("tensorboard") and workdir is not None:  # one event folder per cell, under the output
+        training["tensorboard"] = str(workdir.parent.parent / training["tensorboard"] / cell.key)
     result = run_stream(
         model, stream, method=cell.spec["name"], method_options=cell.spec["options"],
         adapter=adapter["name"] if adapter else None, adapter_options=adapter["options"] if adapter else None,
         seed=cell.seed, checkpoint_dir=None if workdir is None else str(workdir), resume=workdir is not None,
-        progress=progress, **config["training"], **text,
+        progress=progress, **training, **text,
     )
     out = result.to_dict()
     out["metrics"]["wall_time_s"] = result.wall_time_s
@@ -641,7 +676,7 @@ def run_cells(output: Path, config: dict, progress: bool, stop_after: int | None
         if path.is_file():
             try:
                 record = load_cell(path)
-                if record["label"] != cell.label or record["seed"] != cell.seed:
+                if record["label"] != cell.label or record["seed"] != cell.seed or record.get("order") != cell.order:
                     raise CorruptCell(f"cell file {str(path)!r} holds {record['label']!r} seed {record['seed']!r}")
             except CorruptCell as err:
                 warnings.warn(f"{err}; recomputing cell {cell.key}", RuntimeWarning, stacklevel=2)
@@ -654,7 +689,7 @@ def run_cells(output: Path, config: dict, progress: bool, stop_after: int | None
         workdir = output / "cells" / f"{cell.key}.work"
         workdir.mkdir(exist_ok=True)
         result = RUNNERS[config["kind"]](config, cell, workdir, progress=progress)
-        record = {"label": cell.label, "seed": cell.seed, "result": result}
+        record = {"label": cell.label, "seed": cell.seed, "order": cell.order, "result": result}
         text = json_text(record)
         atomic_write_text(str(path), text)
         finished.append(json.loads(text))  # as a resumed run reads it back

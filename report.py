@@ -25,7 +25,8 @@ HIGHER_IS_BETTER = {"acc": True, "forgetting": False, "bwt": True, "fwt": True, 
 
 
 def summarise(config: dict, cells: list[dict]) -> tuple[dict, dict]:
-    """Mean ± std per method and metric, and the best method per metric."""
+    """Mean, std and 95 % CI per method and metric over its runs (seeds × orders), and the best
+    method per metric."""
     metrics = CONTINUAL_METRICS if config["kind"] == "continual" else FEDERATED_METRICS
     labels = [m["label"] for m in (config["methods"] if config["kind"] == "continual" else config["algorithms"])]
     summary: dict[str, dict] = {}
@@ -37,6 +38,7 @@ def summarise(config: dict, cells: list[dict]) -> tuple[dict, dict]:
             summary[label][metric] = {
                 "mean": statistics.fmean(values) if values else None,
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
+                "ci95": ci95(values),
                 "n": len(values),
             }
     best = {}
@@ -45,6 +47,15 @@ def summarise(config: dict, cells: list[dict]) -> tuple[dict, dict]:
         if scored:
             best[metric] = (max if HIGHER_IS_BETTER[metric] else min)(scored)[1]
     return summary, best
+
+
+def ci95(values: list[float]) -> float | None:
+    """Half-width of the 95 % confidence interval of the mean: ``t_{0.975, n-1} · s / √n`` (None below 2 runs)."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
 def versions() -> dict:
@@ -103,7 +114,8 @@ def format_cell(stats: dict, metric: str) -> str:
     if stats["mean"] is None:
         return "–"
     scale = 100.0 if metric in PERCENT_METRICS else 1.0
-    return f"{format_mean(stats, metric)} ± {scale * stats['std']:.2f}"
+    spread = stats.get("ci95")
+    return f"{format_mean(stats, metric)} ± {scale * (spread or 0.0):.2f}"
 
 
 def markdown_table(summary: dict, best: dict, metrics: tuple[str, ...]) -> str:
@@ -282,6 +294,11 @@ def federated_plots(output: Path, config: dict, cells: list[dict]) -> list[str]:
     return names
 
 
+def orders_note(config: dict) -> str:
+    orders = config.get("orders")
+    return f"; {len(orders)} task orders ({'; '.join(map(str, orders))})" if orders else ""
+
+
 def write_report(output: Path, config: dict, cells: list[dict] | None = None) -> dict:
     """Write ``results.json``, ``report.md`` and the plots from ``cells`` (default: read them from
     ``<output>/cells``)."""
@@ -294,7 +311,8 @@ def write_report(output: Path, config: dict, cells: list[dict] | None = None) ->
     table = markdown_table(summary, best, metrics)
     seeds = ", ".join(map(str, config["seeds"]))
     text = [f"# {config['name']}", "",
-            f"Kind: {config['kind']}; seeds: {seeds}; mean ± std over seeds (accuracies in %). "
+            f"Kind: {config['kind']}; seeds: {seeds}{orders_note(config)}; mean ± half-width of the 95 % confidence "
+            "interval (Student t) over all runs (accuracies in %; ± 0.00 with a single run). "
             "Bold: best per metric (every method tied with it at the shown precision too).", "", table, "",
             PLOTS_NOTE[config["kind"]], ""]
     text += [f"![{p}]({p})" for p in plots]

@@ -28,7 +28,8 @@ def test_an_acc_tie_bolds_every_tied_row() -> None:
     summary, best = report.summarise(CONFIG, CELLS)
     table = report.markdown_table(summary, best, ("acc", "forgetting"))
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    assert "**80.00 ± 0.14**" in rows["a"] and "**80.00 ± 0.01**" in rows["b"], table
+    # ± the 95 % CI half-width over the two runs: t(0.975, 1) · s / √2
+    assert "**80.00 ± 1.27**" in rows["a"] and "**80.00 ± 0.05**" in rows["b"], table
     assert "**" not in rows["c"].split("|")[2], "a lower ACC is not bold"
     assert "**0.00 ± 0.00**" in rows["c"] and rows["a"].count("**") == 2
 
@@ -75,3 +76,10 @@ def test_digits_streams_name_tasks_by_their_classes() -> None:
     assert stream_task_names(split_digits(n_tasks=2)) == ["classes 0–4", "classes 5–9"]
     assert stream_task_names(split_digits(n_tasks=5, class_order=[9, 1, 2, 3, 4, 5, 6, 7, 8, 0]))[0] == "classes 1, 9"
     assert stream_task_names(permuted_digits(n_tasks=2)) == ["task 1", "task 2"]
+
+
+def test_the_table_reports_a_95_percent_confidence_interval() -> None:
+    summary, _ = report.summarise(CONFIG, CELLS)
+    # c: acc 0.5 and 0.4 → s = 0.0707, t(0.975, 1) = 12.706 → half-width 12.706 · 0.0707 / √2 = 0.635
+    assert summary["c"]["acc"]["ci95"] == pytest.approx(12.7062 * 0.070711 / 2 ** 0.5, rel=1e-4)
+    assert report.ci95([0.5]) is None
