@@ -124,7 +124,7 @@ def test_results_and_cells_are_strict_json_with_null_for_missing_values(tmp_path
     results = json.loads((tmp_path / "out" / "results.json").read_text(), parse_constant=refuse_constant)
     cell = json.loads((tmp_path / "out" / "cells" / "naive__seed0.json").read_text(), parse_constant=refuse_constant)
     assert cell["result"]["accuracy_matrix"][0][1] is None and cell["result"]["metrics"]["fwt"] is None
-    assert results["summary"]["naive"]["fwt"] == {"mean": None, "std": None, "n": 0}
+    assert results["summary"]["naive"]["fwt"] == {"mean": None, "std": None, "ci95": None, "n": 0}
     assert results["summary"]["naive"]["acc"]["n"] == 2
     assert returned["cells"] == results["cells"], "a fresh run reports what a resumed run reads back"
 
