@@ -161,11 +161,19 @@ def set_candidates(model: nn.Module, experiences: list | None, masks: dict | Non
 
 @torch.no_grad()
 def evaluate_stream(predict: Callable, test_exps: list, masks: dict | None, batch_size: int, device) -> list[float]:
-    """Accuracy on each test experience; ``predict(x, t, j)`` returns logits."""
+    """Accuracy on each test experience; ``predict(x, t, j)`` returns logits.
+
+    Under several processes each evaluates its share of every test set (rows ``rank::world``) and
+    the predictions are gathered, so every process returns the same accuracies."""
+    from .distributed import all_gather_objects, rank, world_size
+
     accs = []
     for j, exp in enumerate(test_exps):
         preds, targets, n_classes = [], [], 0
-        for batch in DataLoader(exp.dataset, batch_size=batch_size, shuffle=False):
+        data = exp.dataset
+        if world_size() > 1:
+            data = torch.utils.data.Subset(data, list(range(rank(), len(data), world_size())))
+        for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
             x, y, t = unpack(batch, device)
             logits = predict(x, t, j)
             if logits is None:  # the method cannot predict this task yet (KCL before training it)
@@ -174,6 +182,11 @@ def evaluate_stream(predict: Callable, test_exps: list, masks: dict | None, batc
             n_classes = logits.shape[-1]
             preds.append(logits.argmax(-1).cpu())
             targets.append(y.cpu())
+        if world_size() > 1:
+            parts = all_gather_objects((preds, targets, n_classes))
+            preds = [p for part in parts for p in part[0]]
+            targets = [y for part in parts for y in part[1]]
+            n_classes = max(part[2] for part in parts)
         accs.append(accuracy(torch.cat(preds), torch.cat(targets), num_classes=n_classes) if preds else float("nan"))
     return accs
 

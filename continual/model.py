@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..files import umask
+
 __all__ = ["ContinualModel", "load_model"]
 
 CONFIG = "continual_model.json"
@@ -131,8 +133,16 @@ class ContinualModel:
 
     # ---- save / load -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the model (see the module docstring) atomically: into a temporary folder, then renamed."""
-        target = Path(directory)
+        """Write the model (see the module docstring) atomically: into a temporary folder, then renamed.
+
+        Under several processes call it on every process: rank 0 writes, the others wait for it."""
+        from .distributed import barrier, is_main
+
+        if is_main():
+            self._save(Path(directory))
+        barrier()
+
+    def _save(self, target: Path) -> None:
         if target.exists() and not target.is_dir():
             raise NotADirectoryError(f"save_pretrained: {str(target)!r} exists and is not a folder")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +157,7 @@ class ContinualModel:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, target)
-            os.chmod(target, 0o777 & ~_umask())
+            os.chmod(target, 0o777 & ~umask())
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -174,12 +184,6 @@ class ContinualModel:
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(folder / "tokenizer"))
         (folder / CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _contiguous(state: dict) -> dict[str, torch.Tensor]:

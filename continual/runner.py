@@ -38,6 +38,7 @@ from torch import nn
 from ..files import fingerprint as config_fingerprint
 from .adapter_modes import Backbone, experience_steps, make_mode
 from .config import RunConfig
+from .distributed import barrier, init_from_env, is_main
 from .engines import make_engine
 from .loop import Experience, evaluate_stream, experience_seed, fingerprint, load_checkpoint, save_checkpoint
 from .metrics import AccuracyMatrix
@@ -87,6 +88,7 @@ def run_stream(model: nn.Module, stream, method: Any = "naive", *, method_option
         raise ValueError(f"adapter_mode={mode!r} runs in the native or trainer engine (the Avalanche engine keeps one "
                          "optimizer over fixed parameters); use engine='native'")
     device = torch.device(settings.device)
+    init_from_env(device)
     from .loop import task_class_masks
 
     masks = task_class_masks(train_exps, scenario)
@@ -182,9 +184,9 @@ def _loop(runner, config: dict, settings: RunConfig, train_exps, test_exps, mask
         for j, a in enumerate(evaluate(test_exps)):
             if not np.isnan(a):
                 matrix.record_initial(j, a)
-    bar = tqdm(range(start, n), desc=f"{config['method']} ({config['engine']})", disable=not settings.progress,
-               initial=start, total=n, unit="exp")
-    board = _board(settings.tensorboard)
+    bar = tqdm(range(start, n), desc=f"{config['method']} ({config['engine']})",
+               disable=not settings.progress or not is_main(), initial=start, total=n, unit="exp")
+    board = _board(settings.tensorboard) if is_main() else None
     for i in bar:
         torch.manual_seed(experience_seed(seed, i))
         s, st = runner.train_experience(i, train_exps)
@@ -197,12 +199,14 @@ def _loop(runner, config: dict, settings: RunConfig, train_exps, test_exps, mask
         bar.set_postfix(avg_acc=f"{np.nanmean(row):.3f}", steps_per_s=f"{steps / max(step_time, 1e-9):.1f}")
         if board is not None:
             _log_experience(board, i, matrix.as_array()[i], (config.get("text") or {}).get("tasks"), steps / max(step_time, 1e-9))
-        if checkpoint_dir is not None:
+        state = runner.state_dict() if checkpoint_dir is not None else None  # a collective under FSDP
+        if checkpoint_dir is not None and is_main():
             save_checkpoint(checkpoint_dir, {
                 "fingerprint": fingerprint(config), "config": json.dumps(config, sort_keys=True, default=str),
                 "completed": i + 1, "elapsed": elapsed + time.perf_counter() - t0, "steps": steps,
                 "step_time": step_time, "matrix": torch.from_numpy(matrix.as_array()),
-                "initial": torch.from_numpy(matrix.initial()), "runner": runner.state_dict()})
+                "initial": torch.from_numpy(matrix.initial()), "runner": state})
+        barrier()  # no process runs ahead of a checkpoint being written
     bar.close()
     if board is not None:
         board.close()

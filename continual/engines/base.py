@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..adapter_modes import AdapterMode
+from ..distributed import ShardedLoader, rank, world_size
 from ..hooks import Context, ContinualMethod, HookList
 from ..loop import experience_seed, make_optimizer, restrict_logits, set_candidates, shuffled_loader, trainable, unpack
 
@@ -46,6 +47,7 @@ class Engine:
         self.owner = methods[0] if methods[0].capabilities is not None and methods[0].capabilities.owns_loop else None
         self.optimizer: torch.optim.Optimizer | None = None
         self._optimized: list[int] = []
+        self.world, self.rank = world_size(), rank()
         self.forward = torch.compile(model, dynamic=True) if settings.compile else model
 
     @property
@@ -76,7 +78,14 @@ class Engine:
         if self.optimizer is None or ids != self._optimized:
             self.optimizer = make_optimizer(self.settings.optimizer, params, self.lr, self.hooks)
             self._optimized = ids
+            if self.world > 1 and self.distributes:  # gradients averaged over the processes
+                from torch.nn.parallel import DistributedDataParallel
+
+                self.forward = DistributedDataParallel(self.model, find_unused_parameters=True)
         return self.optimizer
+
+    #: whether this engine wraps the model in DistributedDataParallel itself (the Trainer does its own)
+    distributes = True
 
     def autocast(self):
         """``torch.autocast`` in bf16 when the run asks for it, else a no-op context."""
@@ -84,21 +93,24 @@ class Engine:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def loader(self, data, i: int):
-        """Experience i's seeded batches (length-bucketed when asked)."""
-        return shuffled_loader(data, self.batch_size, experience_seed(self.seed, i), self.settings.length_buckets)
+        """Experience i's seeded global batches (length-bucketed when asked); under several processes,
+        this process's rows of each."""
+        loader = shuffled_loader(data, self.batch_size, experience_seed(self.seed, i), self.settings.length_buckets)
+        return ShardedLoader(loader, self.world, self.rank) if self.world > 1 else loader
 
-    def batch_loss(self, ctx: Context, batch) -> torch.Tensor:
-        """The training loss of one batch (forward, task masking, criterion); fills ctx's batch fields."""
+    def batch_loss(self, ctx: Context, batch, forward: nn.Module | None = None) -> torch.Tensor:
+        """The training loss of one batch (forward, task masking, criterion); fills ctx's batch fields.
+        ``forward``: the module to call (a wrapper of the model, e.g. the Trainer's DDP one)."""
         x, y, t = unpack(batch, self.device)
         with self.autocast():
-            logits = self.forward(x)
+            logits = (forward or self.forward)(x)
         logits = logits.float()
         ctx.inputs, ctx.targets, ctx.task_ids, ctx.logits = x, y, t, logits
         return self.criterion(restrict_logits(logits, t, self.masks, ctx.experience), y)
 
-    def step_loss(self, ctx: Context, batch) -> torch.Tensor:
+    def step_loss(self, ctx: Context, batch, forward: nn.Module | None = None) -> torch.Tensor:
         """``batch_loss`` followed by every method's ``loss`` hook."""
-        return self.hooks.loss(ctx, self.batch_loss(ctx, batch))
+        return self.hooks.loss(ctx, self.batch_loss(ctx, batch, forward))
 
     def end_experience(self, ctx: Context) -> None:
         ctx.inputs = ctx.targets = ctx.task_ids = ctx.logits = None

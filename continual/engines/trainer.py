@@ -106,7 +106,8 @@ class ContinualTrainer(Trainer):
 
     Args:
         train_loader: batches of the stream (``(x, y)`` or ``(x, y, task)``).
-        loss_fn: ``loss_fn(batch) -> loss`` (run_stream passes its engine's ``step_loss``).
+        loss_fn: ``loss_fn(batch, model) -> loss``, ``model`` being the module the Trainer wrapped
+            (run_stream passes its engine's ``step_loss``).
     """
 
     def __init__(self, *args, train_loader: DataLoader, loss_fn: Callable, **kwargs):
@@ -117,7 +118,7 @@ class ContinualTrainer(Trainer):
         return self.train_loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = self.loss_fn(inputs)
+        loss = self.loss_fn(inputs, model)  # model: the Trainer's (possibly DDP-wrapped) module
         return (loss, None) if return_outputs else loss
 
 
@@ -134,7 +135,12 @@ class _StepTimer(TrainerCallback):
 
 
 class TrainerEngine(Engine):
-    """``run_stream``'s engine that trains each experience with a :class:`ContinualTrainer`."""
+    """``run_stream``'s engine that trains each experience with a :class:`ContinualTrainer`.
+
+    Under ``torchrun`` the Trainer wraps the model in ``DistributedDataParallel`` itself; the engine
+    hands it this process's rows of each global batch."""
+
+    distributes = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -164,7 +170,7 @@ class TrainerEngine(Engine):
                 trainer = ContinualTrainer(
                     model=self.model, args=self._arguments(folder, i), optimizers=(ctx.optimizer, constant),
                     callbacks=[_HookCallback(self.hooks, ctx), self.timer], train_loader=loader,
-                    loss_fn=lambda batch: self.step_loss(ctx, batch))
+                    loss_fn=lambda batch, model: self.step_loss(ctx, batch, model))
                 trainer.remove_callback(PrinterCallback)  # run_stream reports through its own progress bar
                 trainer.train()
         self.end_experience(ctx)

@@ -28,7 +28,9 @@ from the wrapped layer's input (without the adapter's dropout). Other adapter te
 (listed in ``MIGU.unmasked``).
 
 Call order per optimizer step: forwards → ``backward()`` → ``mask_gradients()`` → (clip) →
-``optimizer.step()`` → ``after_step()``.
+``optimizer.step()`` → ``after_step()``. Under several processes (``torchrun``) the magnitudes are
+summed over the processes before the mask is chosen, so every replica masks the same rows (those
+of the global batch).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from ...checks import fraction, non_negative_int, one_of
+from ..distributed import all_reduce_sum
 from ..hooks import Context, ContinualMethod, MethodConfig
 from ..registry import ALL_MODES, register_method
 
@@ -325,6 +328,7 @@ class MIGU(ContinualMethod):
             masked = int(self.mask_ratio * g.width)
             if masked == 0 or g.buffer is None:
                 continue
+            all_reduce_sum(g.buffer)  # several processes: the magnitudes of the whole global batch
             keys = [k for k in g.keys if k in self._seen]
             if not keys:
                 continue
