@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..files import atomic_write, atomic_write_bytes
 from .params import Params
@@ -123,14 +122,3 @@ class SimulationResult:
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
         plt.close(fig)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    import io
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, weights_only=True)

@@ -51,7 +51,8 @@ from .heterogeneity import Faults, FixedSteps, LocalSteps, Restarts, Speed
 from .params import Params, nbytes, tensor_digest, trainable_params
 from .participation import Bernoulli, Participation
 from .partition import IID, Partitioner, label_histograms
-from .result import SimulationResult, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, load as load_checkpoint, save as save_checkpoint
+from .result import SimulationResult
 from .server import Server, Update
 from .adapter import check_adapter_trainable
 from .worker import LocalTrainer, WorkerCrash, dataset_tensors, forward, num_samples, take
@@ -539,15 +540,16 @@ def _begin(fed: _Federation, server: Server, participation: Participation) -> No
 
 
 def _read_checkpoint(path: Path) -> dict | None:
-    """The checkpoint's state, or None with a warning naming the file when it is empty or
-    corrupt (an interrupted copy, a full disk): the run then starts over."""
+    """The checkpoint's state (:mod:`lifelong.checkpoint`: digest-checked, read without unpickling
+    code), or None with a warning naming the file when it is empty or corrupt (an interrupted copy,
+    a full disk): the run then starts over."""
     try:
         state = load_checkpoint(path)
-        if not (isinstance(state, dict) and {"fingerprint", "config", "sim"} <= set(state)):
-            raise ValueError("not a simulation checkpoint")
-    except Exception as err:  # torch.load raises RuntimeError, EOFError, UnpicklingError, ...
-        warnings.warn(f"checkpoint {str(path)!r} is empty or corrupt ({type(err).__name__}: {err}); "
-                      "starting the simulation over", RuntimeWarning, stacklevel=3)
+        if not {"fingerprint", "config", "sim"} <= set(state):
+            raise CheckpointError(path, "is not a simulation checkpoint")
+    except CheckpointError as err:
+        warnings.warn(f"checkpoint {str(path)!r} is empty or corrupt ({err}); starting the simulation over",
+                      RuntimeWarning, stacklevel=3)
         return None
     return state
 

@@ -269,7 +269,7 @@ def test_thousand_workers_hundred_steps_under_a_minute(digits):
 
 @pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 not a torch file"])
 def test_an_empty_or_corrupt_checkpoint_restarts_the_run_with_a_warning(digits, tmp_path, damage):
-    from lifelong.federated.result import load_checkpoint
+    from lifelong.checkpoint import load as load_checkpoint
     from lifelong.files import fingerprint
 
     ckpt = tmp_path / "fed.pt"
