@@ -69,6 +69,8 @@ class RunConfig:
             fp32 weights; on CPUs with AVX512-BF16 or AMX this is faster).
         length_buckets: batch text samples of similar length (less padding; text streams only).
         compile: ``torch.compile`` the model's forward (inductor; first steps are slow while it compiles).
+        fsdp: under several processes, shard the model with FSDP2 (``fully_shard`` on every block of
+            layers and on the backbone): for models too large for one device. Shared adapters or none.
     """
 
     adapter: Any = None
@@ -96,6 +98,7 @@ class RunConfig:
     precision: str = "fp32"
     length_buckets: bool = False
     compile: bool = False
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,7 +110,7 @@ class RunConfig:
         non_negative_int("seed", self.seed)
         _finite_positive("lr", self.lr)
         one_of("precision", self.precision, PRECISIONS)
-        for name in ("resume", "progress", "forward_transfer", "length_buckets", "compile"):
+        for name in ("resume", "progress", "forward_transfer", "length_buckets", "compile", "fsdp"):
             _boolean(name, getattr(self, name))
         one_of("engine", self.engine, ENGINES)
         one_of("route", self.route, ROUTES)
@@ -137,6 +140,10 @@ class RunConfig:
             raise ValueError("training_args are for engine='trainer'")
         if self.adapter is None and self.adapter_mode not in (None, "shared"):
             raise ValueError(f"adapter_mode={self.adapter_mode!r} needs adapter=<registry name> (or a factory)")
+        if self.fsdp and (self.engine == "avalanche" or self.mode not in (None, "shared") or self.compile):
+            raise ValueError("fsdp=True shards a fixed set of tensors: it runs with engine 'native' or 'trainer', "
+                             f"no adapter or a shared one, and without compile (got engine={self.engine!r}, "
+                             f"adapter_mode={self.mode!r}, compile={self.compile})")
         if self.task_inference is not None and self.adapter_mode != "per_task":
             raise ValueError(f"task_inference={self.task_inference!r} routes between per-task adapters: it needs "
                              f"adapter_mode='per_task', got adapter_mode={self.adapter_mode!r}")

@@ -160,18 +160,21 @@ def set_candidates(model: nn.Module, experiences: list | None, masks: dict | Non
 
 
 @torch.no_grad()
-def evaluate_stream(predict: Callable, test_exps: list, masks: dict | None, batch_size: int, device) -> list[float]:
+def evaluate_stream(predict: Callable, test_exps: list, masks: dict | None, batch_size: int, device,
+                    split: bool = True) -> list[float]:
     """Accuracy on each test experience; ``predict(x, t, j)`` returns logits.
 
     Under several processes each evaluates its share of every test set (rows ``rank::world``) and
-    the predictions are gathered, so every process returns the same accuracies."""
+    the predictions are gathered, so every process returns the same accuracies; ``split=False``
+    (a sharded model, whose forward is a collective) has every process evaluate every sample."""
     from .distributed import all_gather_objects, rank, world_size
 
+    split = split and world_size() > 1
     accs = []
     for j, exp in enumerate(test_exps):
         preds, targets, n_classes = [], [], 0
         data = exp.dataset
-        if world_size() > 1:
+        if split:
             data = torch.utils.data.Subset(data, list(range(rank(), len(data), world_size())))
         for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
             x, y, t = unpack(batch, device)
@@ -182,7 +185,7 @@ def evaluate_stream(predict: Callable, test_exps: list, masks: dict | None, batc
             n_classes = logits.shape[-1]
             preds.append(logits.argmax(-1).cpu())
             targets.append(y.cpu())
-        if world_size() > 1:
+        if split:
             parts = all_gather_objects((preds, targets, n_classes))
             preds = [p for part in parts for p in part[0]]
             targets = [y for part in parts for y in part[1]]

@@ -135,55 +135,79 @@ class ContinualModel:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the model (see the module docstring) atomically: into a temporary folder, then renamed.
 
-        Under several processes call it on every process: rank 0 writes, the others wait for it."""
+        Under several processes call it on every process: a sharded model's tensors are gathered
+        (a collective), rank 0 writes, the others wait for it."""
         from .distributed import barrier, is_main
 
-        if is_main():
-            self._save(Path(directory))
+        target, main = Path(directory), is_main()
+        tmp = None
+        if main:
+            if target.exists() and not target.is_dir():
+                raise NotADirectoryError(f"save_pretrained: {str(target)!r} exists and is not a folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+        try:
+            self._write(tmp or target, write=main)
+            if main:
+                _replace_folder(tmp, target)
+        except BaseException:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         barrier()
 
-    def _save(self, target: Path) -> None:
-        if target.exists() and not target.is_dir():
-            raise NotADirectoryError(f"save_pretrained: {str(target)!r} exists and is not a folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
-        try:
-            self._write(tmp)
-            if target.exists():
-                old = target.with_name(f".{target.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-            os.chmod(target, 0o777 & ~umask())
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    def _write(self, folder: Path) -> None:
+    def _write(self, folder: Path, write: bool) -> None:
+        """Gather what is sharded (every process) and write the files (``write``: this process only)."""
         from .adapter_modes import adapted_model
 
         adapted = adapted_model(self.module)
         info = dict(self.info)
         if adapted is not None and info["adapter_mode"] in ("shared", "per_task", "incremental"):
-            adapted.save_pretrained(folder / "adapters")
+            adapted.save_pretrained(folder / "adapters", is_main_process=write)
             info["adapters"] = list(adapted.peft_config)
             info["active"] = list(adapted.active_adapters)
             info["task_ids"] = {k: v for k, v in getattr(adapted, "task_ids", {}).items()}
-            outside = {k: v for k, v in self.module.state_dict().items() if not k.startswith("backbone.")}
-            save_file(_contiguous(outside), str(folder / "head.safetensors"))
+            name, state = "head.safetensors", {k: v for k, v in self.module.state_dict().items()
+                                                if not k.startswith("backbone.")}
         else:
-            save_file(_contiguous(_merged_state(self.module)), str(folder / "model.safetensors"))
+            name, state = "model.safetensors", _full_state(self.module)
             info["adapters"] = None
+        if not write:
+            return
+        save_file(_contiguous(state), str(folder / name))
         if self.router is not None:
-            info["task_inference"] = {"kind": self.router.kind, "classes": {str(k): v for k, v in self.router.classes.items()}}
+            info["task_inference"] = {"kind": self.router.kind,
+                                      "classes": {str(k): v for k, v in self.router.classes.items()}}
             if self.router.kind == "prototype":
                 save_file(_contiguous(self.router.router.state_dict()), str(folder / "router.safetensors"))
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(folder / "tokenizer"))
         (folder / CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def _replace_folder(tmp: Path, target: Path) -> None:
+    """Move the finished ``tmp`` folder to ``target`` (replacing an earlier one), mode by the umask."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    os.chmod(target, 0o777 & ~umask())
+
+
+def _full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's tensors: gathered when FSDP shards them (a collective), else with any
+    adapter merged in."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p.data, DTensor) for p in module.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _merged_state(module)
 
 
 def _contiguous(state: dict) -> dict[str, torch.Tensor]:

@@ -42,6 +42,8 @@ class Capabilities:
         owns_loop: it trains an experience itself (``train_experience`` / ``predict``), as the
             kernel methods do, instead of the engine's batch loop.
         combines: it may be combined with other methods in one run.
+        shards: it runs on a model sharded by FSDP2 (``fsdp=True``): its hooks only touch what every
+            process holds whole (data, losses of the model's output), not sharded tensors.
     """
 
     engines: tuple[str, ...] = ALL_ENGINES
@@ -50,6 +52,7 @@ class Capabilities:
     needs_task_ids: bool = False
     owns_loop: bool = False
     combines: bool = True
+    shards: bool = False
 
     def __post_init__(self) -> None:
         for name, values, allowed in (("engines", self.engines, ALL_ENGINES),
@@ -131,7 +134,8 @@ def _caps(method: ContinualMethod) -> Capabilities:
     return method.capabilities or Capabilities()
 
 
-def check_run(methods: list[ContinualMethod], *, engine: str, mode: str | None, stream: str, scenario: str) -> None:
+def check_run(methods: list[ContinualMethod], *, engine: str, mode: str | None, stream: str, scenario: str,
+              fsdp: bool = False) -> None:
     """Refuse, before training, a method combined with what it does not declare."""
     for m in methods:
         caps = _caps(m)
@@ -143,6 +147,10 @@ def check_run(methods: list[ContinualMethod], *, engine: str, mode: str | None, 
                                  f"{', '.join(allowed[what])}")
         if caps.needs_task_ids and scenario != "task-incremental":
             raise ValueError(f"method {m.name!r} needs task ids (a task-incremental stream); this stream is {scenario}")
+        if fsdp and not caps.shards:
+            able = sorted(n for n, cls in _METHODS.items() if cls.capabilities.shards)
+            raise ValueError(f"method {m.name!r} does not run on an FSDP-sharded model (fsdp=True): its hooks read or "
+                             f"write sharded tensors; methods that shard: {', '.join(able)}")
         if caps.owns_loop and len(methods) > 1:
             raise ValueError(f"method {m.name!r} trains experiences itself and cannot be combined with other methods")
 

@@ -83,7 +83,8 @@ def run_stream(model: nn.Module, stream, method: Any = "naive", *, method_option
     engine = _engine(settings.engine, methods)
     scenario = scenario_of(stream)
     mode = settings.mode
-    check_run(methods, engine=engine, mode=mode, stream="text" if text else "tensor", scenario=scenario)
+    check_run(methods, engine=engine, mode=mode, stream="text" if text else "tensor", scenario=scenario,
+              fsdp=settings.fsdp)
     if engine == "avalanche" and mode not in (None, "shared"):
         raise ValueError(f"adapter_mode={mode!r} runs in the native or trainer engine (the Avalanche engine keeps one "
                          "optimizer over fixed parameters); use engine='native'")
@@ -107,6 +108,8 @@ def run_stream(model: nn.Module, stream, method: Any = "naive", *, method_option
     if engine != "avalanche":
         train_exps = [Experience(e, i) for i, e in enumerate(train_exps)]
     runner = make_engine(engine, holder, methods, mode_hook, settings, criterion, masks, scenario, device)
+    if settings.fsdp:
+        runner.shard()
     runner.setup(train_exps)
     record = _record(settings, methods, engine, scenario, train_exps, test_exps, text, holder)
     test_sets = [Experience(e, j) for j, e in enumerate(test_exps)]
@@ -178,7 +181,8 @@ def _loop(runner, config: dict, settings: RunConfig, train_exps, test_exps, mask
         steps, step_time = int(state["steps"]), float(state["step_time"])
     t0 = time.perf_counter()
     future = settings.forward_transfer
-    evaluate = lambda shown: evaluate_stream(runner.predict, shown, masks, settings.eval_batch_size, device)  # noqa: E731
+    evaluate = lambda shown: evaluate_stream(runner.predict, shown, masks, settings.eval_batch_size, device,  # noqa: E731
+                                             split=not settings.fsdp)
     if start == 0 and future:
         torch.manual_seed(experience_seed(seed, -1))
         for j, a in enumerate(evaluate(test_exps)):

@@ -320,3 +320,14 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32(split3):
     assert all(p.dtype == torch.float32 for p in bf16.model.module.parameters())
     with pytest.raises(ValueError, match="precision must be one of"):
         lc.run_stream(_mlp(), split3, "naive", precision="fp8")
+
+
+def test_fsdp_is_refused_where_it_cannot_shard(split3):
+    with pytest.raises(ValueError, match="fsdp=True shards a fixed set of tensors"):
+        lc.run_stream(_mlp(), split3, "naive", fsdp=True, adapter="lora", adapter_mode="per_task",
+                      adapter_options={"r": 4, "target_modules": ["0"]})
+    with pytest.raises(ValueError, match="'ewc' does not run on an FSDP-sharded model .*methods that shard: joint, "
+                                         "naive, powerlaw, replay"):
+        lc.run_stream(_mlp(), split3, "ewc", fsdp=True)
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        lc.run_stream(_mlp(), split3, "naive", fsdp=True, progress=False)

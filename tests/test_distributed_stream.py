@@ -40,7 +40,7 @@ def stream():
                           names=["reviews", "news"])
 
 
-def run(engine: str, checkpoint_dir: str | None = None, crash: bool = False):
+def run(engine: str, checkpoint_dir: str | None = None, crash: bool = False, fsdp: bool = False):
     import lifelong.continual as lc
     from lifelong.models import load_minilm
 
@@ -61,7 +61,8 @@ def run(engine: str, checkpoint_dir: str | None = None, crash: bool = False):
                 os._exit(3)  # a process dies in the middle of the second experience
 
     model, tokenizer = load_minilm()
-    result = lc.run_stream(model, stream(), [lc.MIGU(start_task=0), RowCounter()], tokenizer=tokenizer,
+    methods = ["replay"] if fsdp else [lc.MIGU(start_task=0), RowCounter()]  # what shards (see the README)
+    result = lc.run_stream(model, stream(), methods, tokenizer=tokenizer, fsdp=fsdp,
                          adapter="lora", adapter_options={"r": 4}, engine=engine, max_length=16, batch_size=8,
                          epochs=2, lr=3e-3, optimizer="adam", progress=False, checkpoint_dir=checkpoint_dir,
                          resume=checkpoint_dir is not None)
@@ -70,19 +71,25 @@ def run(engine: str, checkpoint_dir: str | None = None, crash: bool = False):
 
 
 def digest(module) -> str:
+    """A hash of the trainable tensors (whole: a sharded one is gathered, which every process must call)."""
+    from torch.distributed.tensor import DTensor
+
     h = hashlib.sha256()
     for name, p in sorted(module.named_parameters()):
         if p.requires_grad:
+            whole = p.full_tensor() if isinstance(p.data, DTensor) else p
             h.update(name.encode())
-            h.update(p.detach().cpu().numpy().tobytes())
+            h.update(whole.detach().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
-def launch(engine: str, out: Path, crash: bool = False) -> None:
+def launch(engine: str, out: Path, mode: str = "") -> None:
+    """``mode``: "" (plain), "crash" (rank 1 dies in the second experience) or "fsdp"."""
+    crash = mode == "crash"
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)}
     args = [str(torchrun), "--standalone", f"--nproc_per_node={WORLD}", __file__, engine, str(out)]
-    done = subprocess.run(args + (["crash"] if crash else []), env=env, cwd=str(out), capture_output=True, text=True,
+    done = subprocess.run(args + ([mode] if mode else []), env=env, cwd=str(out), capture_output=True, text=True,
                           timeout=400)
     if crash:
         assert done.returncode != 0 and not (out / "rank0.json").exists(), "the crashed run did not stop"
@@ -123,7 +130,7 @@ def test_a_killed_process_restarts_every_rank_from_the_last_checkpoint(tmp_path)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     launch("native", tmp_path / "a")
-    launch("native", tmp_path / "b", crash=True)
+    launch("native", tmp_path / "b", mode="crash")
     assert (tmp_path / "b" / "ckpt" / "checkpoint.pt").is_file()  # written after the first experience
     launch("native", tmp_path / "b")  # the same command again: every rank resumes from it
     for r in range(WORLD):
@@ -132,15 +139,40 @@ def test_a_killed_process_restarts_every_rank_from_the_last_checkpoint(tmp_path)
         assert resumed["matrix"] == full["matrix"] and resumed["digest"] == full["digest"]
 
 
-def main(engine: str, out: str, crash: bool = False) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["native", "trainer"])
+def test_fsdp2_shards_the_model_and_saves_it_whole(engine, tmp_path):
+    import lifelong.continual as lc
+    from lifelong.models import load_minilm
+
+    launch(engine, tmp_path, mode="fsdp")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0]["sharded"] and ranks[1]["sharded"]  # the backbone's tensors were DTensors
+    assert ranks[0]["matrix"] == ranks[1]["matrix"] and ranks[0]["digest"] == ranks[1]["digest"]
+    base, _ = load_minilm()
+    loaded = lc.load_model(base, tmp_path / "model")
+    assert loaded.predict(stream().tasks[1].test_texts, task=1).tolist() == ranks[0]["predictions"]
+    model, tokenizer = load_minilm()
+    single_replay = lc.run_stream(model, stream(), "replay", tokenizer=tokenizer, adapter="lora",
+                                  adapter_options={"r": 4}, engine=engine, max_length=16, batch_size=8, epochs=2,
+                                  lr=3e-3, optimizer="adam", progress=False)
+    assert single_replay.train_steps == ranks[0]["steps"]  # the same global batches
+    diff = max(abs(a - b) for row_a, row_b in zip(single_replay.accuracy_matrix, ranks[0]["matrix"])
+               for a, b in zip(row_a, row_b) if a == a and b == b)
+    assert diff <= TOLERANCE, (single_replay.accuracy_matrix, ranks[0]["matrix"])
+
+
+def main(engine: str, out: str, mode: str = "") -> None:
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
     out_dir = Path(out)
-    result = run(engine, checkpoint_dir=str(out_dir / "ckpt"), crash=crash)
+    result = run(engine, checkpoint_dir=str(out_dir / "ckpt"), crash=mode == "crash", fsdp=mode == "fsdp")
     rank = dist.get_rank()
     texts = stream().tasks[1].test_texts
     record = {"matrix": result.accuracy_matrix, "digest": digest(result.model.module), "world": dist.get_world_size(),
-              "steps": result.train_steps, "rows": result.rows, "predictions": result.model.predict(texts, task=1).tolist()}
+              "steps": result.train_steps, "rows": result.rows,
+              "sharded": any(isinstance(p.data, DTensor) for p in result.model.module.parameters()), "predictions": result.model.predict(texts, task=1).tolist()}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
     result.model.save_pretrained(out_dir / "model")
     if rank == 0:
@@ -149,4 +181,4 @@ def main(engine: str, out: str, crash: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], crash=sys.argv[3:] == ["crash"])
+    main(sys.argv[1], sys.argv[2], *sys.argv[3:])

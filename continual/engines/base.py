@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..adapter_modes import AdapterMode
-from ..distributed import ShardedLoader, rank, world_size
+from ..distributed import ShardedLoader, all_reduce_sum, rank, world_size
 from ..hooks import Context, ContinualMethod, HookList
 from ..loop import experience_seed, make_optimizer, restrict_logits, set_candidates, shuffled_loader, trainable, unpack
 
@@ -54,6 +54,34 @@ class Engine:
     def name(self) -> str:
         return "+".join(m.name for m in self.methods)
 
+    # ---- FSDP2 --------------------------------------------------------------------------------------
+    def shard(self) -> None:
+        """FSDP2: ``fully_shard`` every block of every layer list of the backbone, then the backbone.
+
+        What stays outside (a text classifier's head) is replicated: :meth:`sync_replicated` averages
+        its gradients (the Trainer does the same for tensors FSDP does not manage)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if self.world < 2:
+            raise ValueError("fsdp=True shards the model over several processes: launch with torchrun "
+                             "--nproc_per_node N (one process has nothing to shard over)")
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        backbone = self.model.backbone
+        for blocks in [m for m in backbone.modules() if isinstance(m, nn.ModuleList)]:
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+        fully_shard(backbone, mesh=mesh)
+        self.model.is_distributed_loading_by_transformers = True  # the Trainer: no DDP around it
+
+    def sync_replicated(self) -> None:
+        """Average over the processes the gradients of the trainable tensors FSDP does not shard."""
+        from torch.distributed.tensor import DTensor
+
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is not None and not isinstance(p.data, DTensor):
+                all_reduce_sum(p.grad).div_(self.world)
+
     # ---- one experience ----------------------------------------------------------------------
     def context(self, i: int, train_exps: list) -> Context:
         ctx = Context(model=self.model, experience=i, experiences=train_exps, optimizer=self.optimizer,
@@ -78,7 +106,7 @@ class Engine:
         if self.optimizer is None or ids != self._optimized:
             self.optimizer = make_optimizer(self.settings.optimizer, params, self.lr, self.hooks)
             self._optimized = ids
-            if self.world > 1 and self.distributes:  # gradients averaged over the processes
+            if self.world > 1 and self.distributes and not self.settings.fsdp:  # gradients averaged over the processes
                 from torch.nn.parallel import DistributedDataParallel
 
                 self.forward = DistributedDataParallel(self.model, find_unused_parameters=True)
@@ -130,17 +158,34 @@ class Engine:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"model": self.model.state_dict(), "methods": self.hooks.state_dict(),
-                 "structure": self.mode.structure()}
-        if self.optimizer is not None and self.mode.keeps_optimizer:  # other modes rebuild it at the next experience
-            state["optimizer"] = self.optimizer.state_dict()
+        """Model, methods, adapter structure and optimizer; a sharded model's tensors gathered whole
+        (a collective: every process calls it)."""
+        keep = self.optimizer is not None and self.mode.keeps_optimizer  # other modes rebuild it next experience
+        if self.settings.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model, optimizer = get_state_dict(self.model, [self.optimizer] if keep else [], options=options)
+        else:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict() if keep else None
+        state = {"model": model, "methods": self.hooks.state_dict(), "structure": self.mode.structure()}
+        if keep:
+            state["optimizer"] = optimizer
         return state
 
     def load_state_dict(self, state: dict, train_exps: list) -> None:
         self.mode.rebuild(state["structure"], train_exps)
         self.model.to(self.device)
-        self.model.load_state_dict(state["model"])
         self.hooks.load_state_dict(state["methods"])
+        if self.settings.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            optimizer = self.ensure_optimizer()
+            set_state_dict(self.model, [optimizer] if "optimizer" in state else [], model_state_dict=state["model"],
+                           optim_state_dict=state.get("optimizer", {}),
+                           options=StateDictOptions(full_state_dict=True))
+            return
+        self.model.load_state_dict(state["model"])
         if "optimizer" in state and self.owner is None:
             self.ensure_optimizer().load_state_dict(state["optimizer"])
 

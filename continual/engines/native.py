@@ -36,6 +36,8 @@ class NativeEngine(Engine):
                     t0 = time.perf_counter()
                     opt.zero_grad(set_to_none=True)
                     self.step_loss(ctx, batch).backward()
+                    if self.settings.fsdp:
+                        self.sync_replicated()
                     self.hooks.call("after_backward", ctx)
                     opt.step()
                     ctx.step += 1

@@ -18,7 +18,8 @@ from ..streams import experience_classes
 __all__ = ["Joint"]
 
 
-@register_method("joint", engines=("native", "trainer"), adapter_modes=("none", "shared"), combines=False)
+@register_method("joint", shards=True, engines=("native", "trainer"), adapter_modes=("none", "shared"),
+                 combines=False)
 class Joint(ContinualMethod):
     """Train once on the union of all experiences (see the module docstring)."""
 

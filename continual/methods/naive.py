@@ -8,7 +8,7 @@ from ..registry import ALL_MODES, register_method
 __all__ = ["Naive"]
 
 
-@register_method("naive", adapter_modes=ALL_MODES)
+@register_method("naive", shards=True, adapter_modes=ALL_MODES)
 class Naive(ContinualMethod):
     """Fine-tune on each experience in turn; nothing protects earlier experiences."""
 

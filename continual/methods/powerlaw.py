@@ -146,7 +146,7 @@ class PowerLawConfig(MethodConfig):
         non_negative_int("seed", self.seed)
 
 
-@register_method("powerlaw", adapter_modes=ALL_MODES)
+@register_method("powerlaw", shards=True, adapter_modes=ALL_MODES)
 class PowerLawReplay(ContinualMethod):
     """Rehearsal environment over past tasks: which samples of each old task go into each phase.
 

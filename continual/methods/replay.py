@@ -37,7 +37,7 @@ class ReplayConfig(MethodConfig):
         non_negative_int("replay: seed", self.seed)
 
 
-@register_method("replay", adapter_modes=ALL_MODES)
+@register_method("replay", shards=True, adapter_modes=ALL_MODES)
 class Replay(ContinualMethod):
     """A balanced replay buffer (see the module docstring)."""
 
