@@ -1,4 +1,8 @@
-"""The library's continual methods; each file registers one (``@register_method``)."""
+"""The library's continual methods, one file each; every module here is imported (and so registers
+its method with ``@register_method``) when the package is, so a new method is one new file."""
 
-from . import (avalanche_only, classp, ewc, gkcl, joint, kcl, lwf, migu, naive, olora, per_task_finetune,  # noqa: F401
-               powerlaw, replay)
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
