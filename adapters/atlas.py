@@ -35,7 +35,7 @@ with λ, in ``tv_dtype``, so that ``ll.load`` still rebuilds from the folder alo
 so (likewise when a referenced file is gone). Partition masks are never saved: they are
 regenerated from ``partition_seed``.
 
-Helpers, all importable from this module: in :mod:`.task_vectors`, :func:`task_vector` (from
+Helpers: in :mod:`lifelong.adapters.task_vectors`, :func:`task_vector` (from
 fine-tuned/pretrained models, state dicts or safetensors files), :func:`task_vector_from_adapter`
 (a lifelong adapter's merged update), :func:`save_task_vector` / :func:`load_task_vector`; in
 :mod:`.atlas_objectives`, :func:`addition_loss` / :func:`negation_loss` (paper §4 objectives);
@@ -66,20 +66,15 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..checks import one_of, positive_int
-from .atlas_objectives import addition_loss, negation_loss
 from .base import Adapter
 from .config import AdapterConfig
 from .layers import unwrap
 from .registry import register
 from .targeting import iter_layers
-from .task_vectors import (TaskVector, check_task_vectors, load_task_vector, load_task_vectors, original_parameters,
-                           save_task_vector, task_vector, task_vector_from_adapter)
+from .task_vectors import TaskVector, check_task_vectors, load_task_vectors, original_parameters, save_task_vector
 
-# Task-vector I/O and the objectives live in their own modules; their names stay importable here.
-__all__ = ["AtlasAdapter", "AtlasConfig", "CoefficientTable", "TaskVector", "addition_loss", "blockwise_gradient_selection",
-           "check_task_vectors", "coefficients", "load_atlas", "load_task_vector", "load_task_vectors", "negation_loss",
-           "resolve_task_vectors", "save_task_vector", "task_vector", "task_vector_from_adapter",
-           "tie_global_coefficients"]
+__all__ = ["AtlasAdapter", "AtlasConfig", "CoefficientTable", "blockwise_gradient_selection", "coefficients", "load_atlas",
+           "resolve_task_vectors", "tie_global_coefficients"]
 
 GRANULARITIES = ("block", "global", "partition")
 TV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -148,7 +143,7 @@ class AtlasConfig(AdapterConfig):
         if self.task_vectors is not None:
             check_task_vectors(self.task_vectors, self.exclude)
         elif not self.task_vector_names:
-            raise ValueError("atlas needs task_vectors=[{param name: θ_i − θ_0}, ...] (see lifelong.adapters.atlas.task_vector)")
+            raise ValueError("atlas needs task_vectors=[{param name: θ_i − θ_0}, ...] (see lifelong.adapters.task_vectors.task_vector)")
 
 
 def resolve_task_vectors(config: AtlasConfig) -> None:

@@ -14,8 +14,7 @@ from typing import Any, ClassVar
 
 from ..checks import non_negative_number, one_of, positive_int, positive_number
 
-__all__ = ["AdapterConfig", "check_alpha_pattern", "check_dropout", "check_fields", "lora_scaling", "one_of",
-           "positive_int"]  # one_of / positive_int: lifelong.checks's, importable from here too
+__all__ = ["AdapterConfig", "check_alpha_pattern", "check_dropout", "check_fields", "lora_scaling"]
 
 # Fields that describe the data used at init, not the adapter: they are never written to JSON.
 RUNTIME_ONLY_FIELDS = ("calibration", "task_vectors")

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 import lifelong as ll
-from lifelong.adapters import atlas
+from lifelong.adapters import task_vectors
 
 TRANSFORMS = {
     "upright": lambda x: x,
@@ -130,7 +130,7 @@ def main() -> None:
     for task in tqdm(SOURCES, desc="fine-tuning sources"):
         ft = copy.deepcopy(base)
         fit(ft, ft.parameters(), view(x_tr, task), y_tr, steps=600, lr=1e-3, batch=64, seed=args.seed)
-        tvs[task] = atlas.task_vector(ft, base)
+        tvs[task] = task_vectors.task_vector(ft, base)
         finetuned_acc[task] = accuracy(ft, view(x_te, task), y_te)
     methods = ["θ0 (zero-shot)", "task arithmetic (searched α)", "isotropic (learned, n)", "aTLAS (n·m)",
                f"aTLAS ×{args.partitions} (n·m·K)"]

@@ -13,7 +13,7 @@ from .metrics import summarize
 
 from ..files import atomic_write_text
 
-__all__ = ["StreamResult", "atomic_write_text"]
+__all__ = ["StreamResult"]
 
 
 def _nan_to_none(value):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lifelong as ll
-from lifelong.adapters import atlas
+from lifelong.adapters import atlas, atlas_objectives, task_vectors
 
 
 def toy(seed: int) -> nn.Sequential:
@@ -51,7 +51,7 @@ def compose_by_hand(base: nn.Module, tvs: list[dict], lam) -> nn.Module:
 @pytest.fixture
 def setup():
     base = toy(0)
-    tvs = [atlas.task_vector(toy(s), base) for s in (1, 2, 3)]
+    tvs = [task_vectors.task_vector(toy(s), base) for s in (1, 2, 3)]
     return base, tvs
 
 
@@ -64,12 +64,12 @@ def test_zero_coefficients_equal_base_exactly(setup):
 
 def test_one_task_vector_at_one_reproduces_finetuned():
     base, ft = dyadic(toy(0), 0), dyadic(toy(1), 1)
-    tv = atlas.task_vector(ft, base)
+    tv = task_vectors.task_vector(ft, base)
     model = ll.wrap(copy.deepcopy(base), "atlas", task_vectors=[tv], tv_dtype="float32")
     set_coefficients(model, lambda i, b, c: torch.ones_like(c))
     x = torch.randn(6, 4)
     assert torch.equal(model(x), ft(x))  # exact: dyadic weights make θ0 + (θ1 − θ0) = θ1
-    general = ll.wrap(copy.deepcopy(toy(0)), "atlas", task_vectors=[atlas.task_vector(toy(1), toy(0))], tv_dtype="float32")
+    general = ll.wrap(copy.deepcopy(toy(0)), "atlas", task_vectors=[task_vectors.task_vector(toy(1), toy(0))], tv_dtype="float32")
     set_coefficients(general, lambda i, b, c: torch.ones_like(c))
     torch.testing.assert_close(general(x), toy(1)(x), rtol=0, atol=1e-6)
 
@@ -146,9 +146,9 @@ def test_reference_partition_leaves_non_2d_blocks_unchanged(setup):
 
 
 def test_coefficient_count_is_n_times_m():
-    model = ll.wrap(toy(0), "atlas", task_vectors=[atlas.task_vector(toy(s), toy(0)) for s in (1, 2, 3)])
+    model = ll.wrap(toy(0), "atlas", task_vectors=[task_vectors.task_vector(toy(s), toy(0)) for s in (1, 2, 3)])
     assert sum(p.numel() for p in model.trainable_parameters()) == 12  # 3 vectors × 4 blocks
-    weights = ll.wrap(toy(0), "atlas", task_vectors=[atlas.task_vector(toy(1), toy(0))], block_filter="weights")
+    weights = ll.wrap(toy(0), "atlas", task_vectors=[task_vectors.task_vector(toy(1), toy(0))], block_filter="weights")
     assert atlas.coefficients(weights).blocks == ["0.weight", "2.weight"]
 
 
@@ -188,7 +188,7 @@ def test_matching_is_by_name_not_position(setup):
 def test_bad_task_vectors_are_named_and_leave_model_untouched(setup):
     base, tvs = setup
     other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3))
-    foreign = atlas.task_vector(other, copy.deepcopy(other))
+    foreign = task_vectors.task_vector(other, copy.deepcopy(other))
     model = copy.deepcopy(base)
     with pytest.raises(ValueError, match=r"not parameters of this model: \['3.bias', '3.weight'\]"):
         ll.wrap(model, "atlas", task_vectors=[tvs[0], foreign])
@@ -241,7 +241,7 @@ def test_save_load_embedded_referenced_and_missing(setup, tmp_path):
     # referenced: task vectors given as files are not copied into the checkpoint
     paths = []
     for i, tv in enumerate(tvs):
-        atlas.save_task_vector(tv, tmp_path / f"tv{i}.safetensors")
+        task_vectors.save_task_vector(tv, tmp_path / f"tv{i}.safetensors")
         paths.append(tmp_path / f"tv{i}.safetensors")
     ref = ll.wrap(copy.deepcopy(base), "atlas", task_vectors=paths)
     set_coefficients(ref, lambda i, b, c: torch.full_like(c, 0.3 * (i + 1)))
@@ -268,7 +268,7 @@ def test_task_vector_from_adapter_reproduces_the_adapter(tmp_path):
         for p in bone.trainable_parameters():
             p.normal_(0, 0.1)
     x = torch.randn(5, 8)
-    tv = atlas.task_vector_from_adapter(bone)
+    tv = task_vectors.task_vector_from_adapter(bone)
     assert set(tv) == {"0.weight"}
     model = ll.wrap(copy.deepcopy(base), "atlas", task_vectors=[tv], tv_dtype="float32")
     set_coefficients(model, lambda i, b, c: torch.ones_like(c))
@@ -277,7 +277,7 @@ def test_task_vector_from_adapter_reproduces_the_adapter(tmp_path):
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in bone.merge_and_unload().state_dict().items()}, str(tmp_path / "ft.safetensors"))
-    from_file = atlas.task_vector(tmp_path / "ft.safetensors", base)
+    from_file = task_vectors.task_vector(tmp_path / "ft.safetensors", base)
     torch.testing.assert_close(from_file["0.weight"], tv["0.weight"], rtol=0, atol=1e-7)
     assert float(from_file["2.weight"].abs().max()) == 0.0
 
@@ -292,9 +292,9 @@ def test_coefficient_table_and_objectives(setup):
     assert "| b | 1.5000 |" in str(table)
     logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     other, other_labels = torch.randn(4, 3), torch.tensor([2, 2, 1, 0])
-    torch.testing.assert_close(atlas.addition_loss([(logits, labels), (other, other_labels)]),
+    torch.testing.assert_close(atlas_objectives.addition_loss([(logits, labels), (other, other_labels)]),
                                F.cross_entropy(logits, labels) + F.cross_entropy(other, other_labels))
-    torch.testing.assert_close(atlas.negation_loss(logits, labels, other, other_labels),
+    torch.testing.assert_close(atlas_objectives.negation_loss(logits, labels, other, other_labels),
                                F.cross_entropy(other, other_labels) - F.cross_entropy(logits, labels))
 
 

@@ -375,7 +375,7 @@ def test_validate_never_changes_a_config(method) -> None:
     """``validate`` only checks: calling it again leaves every field as it was, and accepted
     spellings (a tuple of names, one layer index, one pattern) are resolved once, when the config
     is made."""
-    from lifelong.adapters.atlas import task_vector
+    from lifelong.adapters.task_vectors import task_vector
 
     cls = ll.adapters.get_method(method).config_cls
     options = {"target_modules": ("fc1", "fc2"), "layers_to_transform": 1, "layers_pattern": "layers"}
