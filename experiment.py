@@ -133,6 +133,8 @@ def validate_continual(config: dict) -> dict:
 
     config["stream"] = named_section(config["stream"], "stream", allowed=sorted(STREAMS))
     config["methods"] = method_list(config["methods"], "methods", tuple(available_methods()))
+    for i, method in enumerate(config["methods"]):
+        check_method_options(method, f"methods[{i}]")
     config["training"] = check_training(config.get("training", {}), config["adapter"])
     config["orders"] = check_orders(config.get("orders"), config["stream"])
     check_stream_and_model(config)
@@ -350,6 +352,16 @@ def named_section(value: Any, where: str, allowed: list[str] | None = None) -> d
     if not isinstance(options, dict):
         raise ConfigError(f"{where}.options must be a mapping, got {options!r}")
     return {"name": value["name"], "options": options, "label": value.get("label", value["name"])}
+
+
+def check_method_options(method: dict, where: str) -> None:
+    """A registered method's options make a valid config (built once, as run_stream will)."""
+    from .continual.registry import method_class
+
+    try:
+        method_class(method["name"])(**method["options"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where} ({method['name']}).options: {err}") from err
 
 
 def method_list(value: Any, where: str, allowed: tuple[str, ...]) -> list[dict]:

@@ -73,3 +73,14 @@ def test_bad_orders_fail_before_anything_is_written(folder: Path, tmp_path: Path
     path.write_text(yaml.safe_dump(digits))
     with pytest.raises(ConfigError, match="orders: task orders are for the cl_benchmark stream"):
         load_config(path)
+
+
+@pytest.mark.parametrize("method, message", [
+    ({"name": "ewc", "options": {"ewc_lambda": -1.0}}, r"methods\[0\] \(ewc\)\.options: ewc: ewc_lambda must be"),
+    ({"name": "olora", "options": {"lambda": 0.5}}, r"methods\[0\] \(olora\)\.options: olora: unknown option"),
+])
+def test_method_options_are_checked_before_anything_is_written(folder: Path, tmp_path: Path, method, message) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config(folder, methods=[method])))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
