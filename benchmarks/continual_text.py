@@ -56,9 +56,8 @@ SCENARIOS = ("class-incremental", "task-incremental")
 LORA = {"r": 8, "target_modules": ["query", "value"]}
 HIDDEN = 384  # MiniLM's width
 GRID_POINTS = 4  # every row's tuning budget: four (lr, knob) points
-# the rows that also run task-incremental by default (all of them do not fit the 60-minute budget on 2 cores)
-TI_ROWS = ["naive", "seqlora", "inclora", "olora", "migu_lora", "kore_seq", "corda_seq", "kcl", "gkcl",
-           "per_task_lora", "joint"]
+# the rows that also run task-incremental (None: every row; a list cuts the budget)
+TI_ROWS = None  # every row; or a list of row keys
 
 
 # ---- the rows ------------------------------------------------------------------------------------------------------
@@ -371,29 +370,39 @@ def write_json(path: Path, value) -> None:
 
 # ---- the benchmark ---------------------------------------------------------------------------------------------------
 
-def tune(rows: list[Row], args, make_val, bar=None) -> dict[str, dict]:
-    """Each row's grid point with the best validation ACC (first point wins ties); cached per point."""
-    chosen: dict[str, dict] = {}
-    out = Path(args.out) / "tune"
-    ordered = sorted(rows, key=lambda r: len(r.depends))
-    for row in ordered:
+def tune_scenario(row: Row) -> str:
+    return "class-incremental" if "class-incremental" in row.scenarios else "task-incremental"
+
+
+def tune_path(args, row: Row, hp: dict, chosen: dict) -> Path:
+    dep = "_".join(f"{d}-{hp_key({k: v for k, v in chosen[d].items() if k != 'val_acc'})}" for d in row.depends)
+    return Path(args.out) / "tune" / f"{row.key}__{hp_key(hp)}{'__' + dep if dep else ''}.json"
+
+
+def select(rows: list[Row], args, chosen: dict) -> bool:
+    """Fill ``chosen`` for every row whose grid is complete in the cache (best validation ACC; the
+    first point wins ties); True when every row is chosen."""
+    for row in sorted(rows, key=lambda r: len(r.depends)):
+        if row.key in chosen or not all(d in chosen for d in row.depends):
+            continue
         if not args.tune:
             chosen[row.key] = {**row.grid[0], "val_acc": None}
             continue
-        scenario = "task-incremental" if "class-incremental" not in row.scenarios else "class-incremental"
-        best = None
-        for hp in row.grid:
-            ctx = {"tuned": chosen}
-            dep = "_".join(f"{d}-{hp_key({k: v for k, v in chosen.get(d, {}).items() if k != 'val_acc'})}"
-                           for d in row.depends)
-            name = f"{row.key}__{hp_key(hp)}{'__' + dep if dep else ''}.json"
-            cell, _ = cached(out / name, lambda: run_cell(row, hp, make_val(scenario), scenario, 0, vars(args), ctx))
-            if bar is not None:
-                bar.update(1)
-            if best is None or (cell["acc"] or 0) > (best["acc"] or 0):
-                best = cell
+        paths = [tune_path(args, row, hp, chosen) for hp in row.grid]
+        if not all(p.is_file() for p in paths):
+            continue
+        cells = [json.loads(p.read_text()) for p in paths]
+        best = max(cells, key=lambda c: c["acc"] if c["acc"] is not None else -1.0)  # max keeps the first of ties
         chosen[row.key] = {**best["hp"], "val_acc": best["acc"]}
-    return chosen
+    return all(r.key in chosen for r in rows)
+
+
+def pending_tuning(rows: list[Row], args, chosen: dict) -> list[tuple[Row, dict, Path]]:
+    """Tuning cells not cached yet, of the rows whose dependencies are chosen."""
+    if not args.tune:
+        return []
+    return [(row, hp, path) for row in rows if row.key not in chosen and all(d in chosen for d in row.depends)
+            for hp in row.grid if not (path := tune_path(args, row, hp, chosen)).is_file()]
 
 
 def cells_of(rows, scenarios, orders, seeds, ti_rows=None):
@@ -403,7 +412,76 @@ def cells_of(rows, scenarios, orders, seeds, ti_rows=None):
             for o in range(len(orders)) for s in seeds]
 
 
-def run_all(args, make_stream: Callable | None = None, make_val: Callable | None = None) -> list[dict]:
+def cell_path(args, row: Row, scenario: str, order: int, seed: int) -> Path:
+    return Path(args.out) / "cells" / f"{row.key}__{scenario}__o{order}__s{seed}.json"
+
+
+def load_cell(path: Path, hp: dict) -> dict | None:
+    """A cached cell, unless its hyper-parameters differ from the chosen ones (then it is stale)."""
+    if not path.is_file():
+        return None
+    cell = json.loads(path.read_text())
+    return cell if cell.get("hp") == hp else None
+
+
+def chosen_hp(chosen: dict, row: Row) -> dict:
+    return {k: v for k, v in chosen[row.key].items() if k != "val_acc"}
+
+
+def work(args, rows, make_stream, make_val, share=(0, 1), bar=None) -> dict:
+    """Compute the uncached tuning and main cells (those of worker ``share[0]`` of ``share[1]``); the
+    tuned values. Workers split each phase's cells; a phase waits for the previous one (``run_all``)."""
+    index, jobs = share
+    chosen: dict = {}
+    while True:
+        select(rows, args, chosen)
+        todo = pending_tuning(rows, args, chosen)
+        if not todo:
+            break
+        for k, (row, hp, path) in enumerate(todo):
+            if k % jobs == index:
+                sc = tune_scenario(row)
+                cell, _ = cached(path, lambda: run_cell(row, hp, make_val(sc), sc, 0, vars(args), {"tuned": chosen}))
+                log(args, f"tune {row.key} {hp_key(hp)}: val ACC {100 * (cell['acc'] or 0):.1f} "
+                          f"({cell['wall_time_s']:.0f} s)")
+                if bar is not None:
+                    bar.update(1)
+        if jobs > 1:
+            return chosen  # the parent starts the next phase once every worker is done
+    for k, (row, sc, o, seed) in enumerate(cells_of(rows, args.scenarios, args.orders, args.seeds, args.ti_rows)):
+        hp = chosen_hp(chosen, row)
+        path = cell_path(args, row, sc, o, seed)
+        if k % jobs == index and load_cell(path, hp) is None:
+            cell = run_cell(row, hp, make_stream(args.orders[o], seed, sc), sc, seed, vars(args), {"tuned": chosen})
+            write_json(path, {**cell, "order": o})
+            log(args, f"cell {row.key} {sc} order {o} seed {seed}: ACC {100 * (cell['acc'] or 0):.1f} "
+                      f"({cell['wall_time_s']:.0f} s)")
+            if bar is not None:
+                bar.set_postfix_str(f"{row.key} {sc[:5]} o{o} s{seed} acc {100 * (cell['acc'] or 0):.1f}")
+        if bar is not None:
+            bar.update(1)
+    return chosen
+
+
+def log(args, text: str) -> None:
+    if args.worker is not None:
+        print(f"[worker {args.worker}] {time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
+def spawn(args, argv: list[str]) -> None:
+    """Run ``args.jobs`` workers of this script on the same arguments (one thread each) and wait."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(i), "--threads", "1",
+                               "--no-progress"], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+             for i in range(args.jobs)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        sys.exit(f"continual_text: a worker failed (exit codes {codes})")
+
+
+def run_all(args, make_stream: Callable | None = None, make_val: Callable | None = None,
+            argv: list[str] | None = None) -> list[dict]:
     """Tune, then run every (row, scenario, order, seed) cell (cached), write results.json and the report."""
     from tqdm.auto import tqdm
 
@@ -414,35 +492,31 @@ def run_all(args, make_stream: Callable | None = None, make_val: Callable | None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [ROWS[k] for k in args.rows]
-    orders = args.orders
     make_stream = make_stream or (lambda tasks, seed, sc: cl_stream(args.folder, tasks, args.per_class,
                                                                      args.test_per_class, seed, sc))
-    make_val = make_val or (lambda sc: validation_stream(args.folder, orders[0][:2], args.per_class,
+    make_val = make_val or (lambda sc: validation_stream(args.folder, args.orders[0][:2], args.per_class,
                                                          args.val_per_class, sc))
-    main_cells = cells_of(rows, args.scenarios, orders, args.seeds, args.ti_rows)
-    n_tune = GRID_POINTS * len(rows) if args.tune else 0
     start = time.perf_counter()
-    bar = tqdm(total=n_tune + len(main_cells), desc="continual_text", unit="cell", disable=not args.progress)
-    chosen = tune(rows, args, make_val, bar)
-    tune_s = time.perf_counter() - start
-    results = []
-    for row, sc, o, seed in main_cells:
-        hp = {k: v for k, v in chosen[row.key].items() if k != "val_acc"}
-        path = out / "cells" / f"{row.key}__{sc}__o{o}__s{seed}.json"
-        stored = json.loads(path.read_text()) if path.is_file() else None
-        if stored is not None and stored.get("hp") != hp:
-            stored = None  # the tuned values changed since this cell ran: it is stale
-        if stored is None:
-            stored = {**run_cell(row, hp, make_stream(orders[o], seed, sc), sc, seed, vars(args), {"tuned": chosen}),
-                      "order": o}
-            write_json(path, stored)
-        bar.set_postfix_str(f"{row.key} {sc[:5]} o{o} s{seed} acc {100 * (stored['acc'] or 0):.1f}")
-        bar.update(1)
-        results.append(stored)
+    if args.worker is not None:
+        work(args, rows, make_stream, make_val, (args.worker, args.jobs))
+        return []
+    if args.jobs > 1:
+        phases = 1 + max(len(r.depends) for r in rows) + 1
+        for _ in range(phases):  # tuning phases (rows waiting for other rows' values), then the cells
+            spawn(args, argv or sys.argv[1:])
+    n_main = len(cells_of(rows, args.scenarios, args.orders, args.seeds, args.ti_rows))
+    bar = tqdm(total=(GRID_POINTS * len(rows) if args.tune else 0) + n_main, desc="continual_text", unit="cell",
+               disable=not args.progress)
+    chosen = work(args, rows, make_stream, make_val, bar=bar)
     bar.close()
     total_s = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    meta = {"args": {k: v for k, v in vars(args).items()}, "chosen": chosen, "tune_s": tune_s, "total_s": total_s,
+    results = [load_cell(cell_path(args, row, sc, o, seed), chosen_hp(chosen, row))
+               for row, sc, o, seed in cells_of(rows, args.scenarios, args.orders, args.seeds, args.ti_rows)]
+    write_json(out / "results.json", results)
+    tune_cells = [json.loads(tune_path(args, r, hp, chosen).read_text()) for r in rows for hp in r.grid
+                  if args.tune]
+    meta = {"args": {k: v for k, v in vars(args).items()}, "chosen": chosen, "total_s": total_s,
+            "tune_s": sum(c["wall_time_s"] for c in tune_cells), "main_s": sum(c["wall_time_s"] for c in results),
             "grids": {r.key: r.grid for r in rows}}
     (out / "run.json").write_text(json.dumps(meta, indent=1, default=str))
     report(results, meta, rows, args)
@@ -532,7 +606,9 @@ def claim(results, a, b, scenario, metric="acc", sign=1, margin=0.0):
         return f"{a} vs {b}: not run", "not run"
     mean, half, n = d
     low, high = sign * mean - half, sign * mean + half
-    if low > -margin:
+    if n < 2:
+        verdict = "inconclusive (one run: no interval)"
+    elif low > -margin:
         verdict = "holds"
     elif high < -margin:
         verdict = "does not hold"
@@ -624,8 +700,9 @@ def report(results, meta, rows, args) -> str:
              f"class-incremental (KCL/GKCL: task-incremental), seed 0; {GRID_POINTS} grid points per row, the "
              f"same epochs; the best validation ACC wins. The same values serve both scenarios. Grids: "
              + "; ".join(f"`{r.key}` " + ", ".join(hp_key(h) for h in r.grid) for r in rows) + ".",
-             "- Task-incremental runs only the rows " + ", ".join(f"`{k}`" for k in args.ti_rows if k in args.rows)
-             + " (the other rows ran class-incremental only, to fit the 60-minute budget on 2 cores).",
+             *(["- Task-incremental runs only the rows " + ", ".join(f"`{k}`" for k in args.ti_rows if k in args.rows)
+                + " (the other rows ran class-incremental only, to fit the 60-minute budget on 2 cores)."]
+               if args.ti_rows is not None else []),
              "- KCL and GKCL run on a tensor stream of **frozen** MiniLM mean-pooled features (not adapted ones) with "
              "a small trainable MLP feature extractor (384→256→256) on top, task-incremental only (KCL's kernel "
              "head needs the task id); GKCL replays samples of a class-conditional VAE instead of a coreset.",
@@ -634,14 +711,20 @@ def report(results, meta, rows, args) -> str:
              "task-incremental uses the task id. Per-task fine-tuning always uses the task id (an oracle).",
              "- Memory held: replay/coreset samples kept, plus stored floats (EWC anchors and Fisher, LwF teacher, "
              "per-task weights, stored adapters, GKCL's generator).",
-             f"- Cost: tuning {meta['tune_s']:.0f} s (cached cells count 0), whole invocation {meta['total_s']:.0f} s, "
-             f"{n_cells} cells; threads {args.threads}.", ""]
+             f"- Cost: {n_cells} cells; compute time of the tuning cells {meta['tune_s']:.0f} s and of the table's "
+             f"cells {meta['main_s']:.0f} s ({args.jobs} worker process(es), "
+             f"{1 if args.jobs > 1 else args.threads} thread(s) each); the invocation that wrote this report took "
+             f"{meta['total_s']:.0f} s of wall time (cells cached by an earlier invocation cost it nothing).", ""]
     for sc in scenarios:
         lines += [f"## {sc}", ""] + table(results, rows, sc, chosen) + [""]
     lines += ["## Verdicts", "",
               "A claim **holds** when the 95 % t-interval of the paired difference (same order, seed and data) lies "
               "on the claimed side (beyond the stated margin), **does not hold** when it lies on the other side, "
               "and is **inconclusive** otherwise.", ""] + verdicts(results, scenarios) + [""]
+    for extra in sorted(Path(args.out).glob("speed_*.md")) + sorted(Path(args.out).glob("main_job*.md")):
+        title = "Speed" if extra.name.startswith("speed") else "Main job"
+        lines += [f"## {title} (`{extra.name}`, written by `--speed` / the timing of `make run`)", "",
+                  extra.read_text().strip(), ""]
     if args.plot:
         plot(results, rows, scenarios, args.plot)
         lines += [f"![ACC per row]({Path(args.plot).name})", ""]
@@ -740,7 +823,7 @@ def speed(args) -> str:
     text = "\n".join(lines)
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "speed.md").write_text(text + "\n")
+    (Path(args.out) / f"speed_{args.speed_task}.md").write_text(text + "\n")
     return text
 
 
@@ -770,7 +853,10 @@ def parse_args(argv=None):
     p.add_argument("--length-buckets", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
                    help="pick each row's point of its grid on the validation split (--no-tune: the first point)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of a single process")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes (one thread each) that split the cells; 1: run in this process")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default="runs/continual_text")
     p.add_argument("--md", default=str(RESULTS_MD), help="markdown report ('' for none)")
     p.add_argument("--plot", default=str(PLOT), help="ACC plot ('' for none)")
@@ -794,7 +880,9 @@ def main(argv=None) -> None:
     if args.speed:
         speed(args)
         return
-    results = run_all(args)
+    results = run_all(args, argv=sys.argv[1:] if argv is None else list(argv))
+    if args.worker is not None:
+        return
     print(f"{len(results)} cells; results in {Path(args.out) / 'results.json'}"
           + (f", report in {args.md}" if args.md else ""))
 
