@@ -19,6 +19,7 @@ install: $(STAMP)
 
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/lifelong run examples/configs/stdlib_text.yaml --output runs/stdlib_text --resume
+	HF_HUB_OFFLINE=1 $(BIN)/lifelong run examples/configs/stdlib_text_class_incremental.yaml --output runs/stdlib_text_ci --resume
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q --durations=20

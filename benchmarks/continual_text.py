@@ -515,7 +515,15 @@ def run_all(args, make_stream: Callable | None = None, make_val: Callable | None
     write_json(out / "results.json", results)
     tune_cells = [json.loads(tune_path(args, r, hp, chosen).read_text()) for r in rows for hp in r.grid
                   if args.tune]
+    began = time.time() - total_s
+    files = list((out / "cells").glob("*.json")) + list((out / "tune").glob("*.json"))
+    computed = sum(1 for f in files if f.stat().st_mtime >= began)
+    previous = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    invocations = previous.get("invocations") or ([{"wall_s": previous["total_s"], "computed_cells": None}]
+                                                  if "total_s" in previous else [])
+    invocations.append({"wall_s": total_s, "computed_cells": computed})
     meta = {"args": {k: v for k, v in vars(args).items()}, "chosen": chosen, "total_s": total_s,
+            "invocations": invocations,
             "tune_s": sum(c["wall_time_s"] for c in tune_cells), "main_s": sum(c["wall_time_s"] for c in results),
             "grids": {r.key: r.grid for r in rows}}
     (out / "run.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -713,8 +721,10 @@ def report(results, meta, rows, args) -> str:
              "per-task weights, stored adapters, GKCL's generator).",
              f"- Cost: {n_cells} cells; compute time of the tuning cells {meta['tune_s']:.0f} s and of the table's "
              f"cells {meta['main_s']:.0f} s ({args.jobs} worker process(es), "
-             f"{1 if args.jobs > 1 else args.threads} thread(s) each); the invocation that wrote this report took "
-             f"{meta['total_s']:.0f} s of wall time (cells cached by an earlier invocation cost it nothing).", ""]
+             f"{1 if args.jobs > 1 else args.threads} thread(s) each); wall time of every invocation on this output "
+             f"folder: " + ", ".join(f"{i['wall_s']:.0f} s" + ("" if i["computed_cells"] is None else
+                                                            f" ({i['computed_cells']} cells computed)")
+                                     for i in meta.get("invocations", [])) + ".", ""]
     for sc in scenarios:
         lines += [f"## {sc}", ""] + table(results, rows, sc, chosen) + [""]
     lines += ["## Verdicts", "",
