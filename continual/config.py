@@ -8,12 +8,10 @@ checked in one place. ``validate`` only looks: it never converts or rewrites a v
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
-from ..checks import non_negative_int, one_of, positive_int
+from ..checks import non_negative_int, one_of, positive_int, positive_number
 
 __all__ = ["RunConfig", "ENGINES", "ADAPTER_MODES", "OPTIMIZERS", "ROUTES", "TASK_INFERENCE", "SCALAR_KEYS"]
 
@@ -23,11 +21,6 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 ROUTES = ("auto", "head", "verbalizer")
 TASK_INFERENCE = ("prototype", "confidence")
 PRECISIONS = ("fp32", "bf16")
-
-
-def _finite_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _boolean(name: str, value: Any) -> None:
@@ -108,7 +101,7 @@ class RunConfig:
             positive_int(name, getattr(self, name))
         positive_int("max_length (tokens per sequence)", self.max_length)
         non_negative_int("seed", self.seed)
-        _finite_positive("lr", self.lr)
+        positive_number("lr", self.lr)
         one_of("precision", self.precision, PRECISIONS)
         for name in ("resume", "progress", "forward_transfer", "length_buckets", "compile", "fsdp"):
             _boolean(name, getattr(self, name))

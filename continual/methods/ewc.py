@@ -19,13 +19,12 @@ domain-incremental runs the two are the same computation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
 
-from ...checks import one_of
+from ...checks import non_negative_number, one_of
 from ..hooks import Context, ContinualMethod, MethodConfig
 from ..registry import ALL_MODES, register_method
 
@@ -41,9 +40,7 @@ class EWCConfig(MethodConfig):
     decay_factor: float | None = None
 
     def validate(self) -> None:
-        if isinstance(self.ewc_lambda, bool) or not isinstance(self.ewc_lambda, (int, float)) \
-                or not math.isfinite(self.ewc_lambda) or self.ewc_lambda < 0:
-            raise ValueError(f"ewc: ewc_lambda must be a finite number >= 0, got {self.ewc_lambda!r}")
+        non_negative_number("ewc: ewc_lambda", self.ewc_lambda)
         one_of("ewc: mode", self.mode, ("separate", "online"))
         if (self.mode == "online") != (self.decay_factor is not None):
             raise ValueError("ewc: decay_factor is required with mode='online' and only allowed there, got "

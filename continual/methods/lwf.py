@@ -16,13 +16,13 @@ seen so far, which is the same in class-incremental streams (all task labels 0).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ...checks import non_negative_number, positive_number
 from ..hooks import Context, ContinualMethod, MethodConfig
 from ..registry import ALL_MODES, register_method
 from ..streams import experience_classes
@@ -38,12 +38,8 @@ class LwFConfig(MethodConfig):
     temperature: float = 2.0
 
     def validate(self) -> None:
-        for name, low in (("alpha", 0.0), ("temperature", None)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or (value < 0 if low is not None else value <= 0):
-                rule = ">= 0" if low is not None else "> 0"
-                raise ValueError(f"lwf: {name} must be a finite number {rule}, got {value!r}")
+        non_negative_number("lwf: alpha", self.alpha)
+        positive_number("lwf: temperature", self.temperature)
 
 
 @register_method("lwf", adapter_modes=ALL_MODES)

@@ -18,12 +18,12 @@ un-squared Frobenius norms of each new tensor (the paper writes ‖·‖²). Def
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ...checks import non_negative_number
 from ..adapter_modes import experience_index as _index
 from ..hooks import Context, ContinualMethod, MethodConfig
 from ..registry import register_method
@@ -69,10 +69,8 @@ class OLoRAConfig(MethodConfig):
     lambda2: float = 0.0
 
     def validate(self) -> None:
-        for name in ("lambda1", "lambda2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"olora: {name} must be a finite number >= 0, got {value!r}")
+        non_negative_number("olora: lambda1", self.lambda1)
+        non_negative_number("olora: lambda2", self.lambda2)
 
 
 @register_method("olora", adapter_modes=("incremental",))
