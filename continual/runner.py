@@ -40,12 +40,15 @@ from .adapter_modes import Backbone, experience_steps, make_mode
 from .config import RunConfig
 from .distributed import barrier, init_from_env, is_main
 from .engines import make_engine
-from .loop import Experience, evaluate_stream, experience_seed, fingerprint, load_checkpoint, save_checkpoint
+from .loop import (Experience, evaluate_stream, experience_seed, fingerprint, load_checkpoint, save_checkpoint,
+                   task_class_masks)
 from .metrics import AccuracyMatrix
+from .model import ContinualModel
 from .registry import build_methods, check_run
 from .result import StreamResult
-from .streams import check_benchmark, scenario_of
+from .streams import check_benchmark, experience_classes, scenario_of
 from .text import TextStream
+from .text_model import TextSetup, unpack_text
 
 __all__ = ["run_stream", "evaluate_stream"]
 
@@ -69,20 +72,10 @@ def run_stream(model: nn.Module, stream, method: Any = "naive", *, method_option
             ``adapter_mode="per_task"``, ``engine="trainer"``, ``epochs=2``, ``lr=1e-3``, ...).
     """
     settings = _settings(config, settings)
-    text = None
-    if isinstance(stream, TextStream):
-        from .text_model import TextSetup
-
-        text = TextSetup(model, stream, tokenizer, settings.max_length, settings.template, settings.route)
-        stream = text.benchmark
-        criterion = criterion or text.criterion()
-    elif tokenizer is not None:
-        raise ValueError("tokenizer= is for text streams (cl_benchmark, text_stream); this stream holds tensors")
+    text, stream, criterion = _text(model, stream, tokenizer, settings, criterion)
     train_exps, test_exps = check_benchmark(stream)
     methods = build_methods(method, method_options)
-    engine = _engine(settings.engine, methods)
-    scenario = scenario_of(stream)
-    mode = settings.mode
+    engine, scenario, mode = _engine(settings.engine, methods), scenario_of(stream), settings.mode
     check_run(methods, engine=engine, mode=mode, stream="text" if text else "tensor", scenario=scenario,
               fsdp=settings.fsdp)
     if engine == "avalanche" and mode not in (None, "shared"):
@@ -90,35 +83,34 @@ def run_stream(model: nn.Module, stream, method: Any = "naive", *, method_option
                          "optimizer over fixed parameters); use engine='native'")
     device = torch.device(settings.device)
     init_from_env(device)
-    from .loop import task_class_masks
-
     masks = task_class_masks(train_exps, scenario)
-    criterion = criterion or nn.CrossEntropyLoss()
-
     torch.manual_seed(settings.seed)
     holder = text.classifier(model) if text is not None else Backbone(model)
-    steps = experience_steps([len(e.dataset) for e in train_exps], settings.epochs, settings.batch_size)
-    mode_hook = _mode(mode, holder, settings, steps, text)
-    if settings.task_inference is not None:
-        from .streams import experience_classes
-
-        mode_hook.build_inference(settings.task_inference, {i: experience_classes(e) for i, e in enumerate(train_exps)},
-                                  settings.eval_batch_size)
+    mode_hook = _mode(mode, holder, settings, train_exps, text)
     holder.to(device)
     if engine != "avalanche":
         train_exps = [Experience(e, i) for i, e in enumerate(train_exps)]
-    runner = make_engine(engine, holder, methods, mode_hook, settings, criterion, masks, scenario, device)
+    runner = make_engine(engine, holder, methods, mode_hook, settings, criterion or nn.CrossEntropyLoss(), masks,
+                         scenario, device)
     if settings.fsdp:
         runner.shard()
     runner.setup(train_exps)
     record = _record(settings, methods, engine, scenario, train_exps, test_exps, text, holder)
-    test_sets = [Experience(e, j) for j, e in enumerate(test_exps)]
-    result = _loop(runner, record, settings, train_exps, test_sets, masks, device)
+    result = _loop(runner, record, settings, train_exps, [Experience(e, j) for j, e in enumerate(test_exps)], masks,
+                   device)
     result.metrics.update(mode_hook.metrics())
-    from .model import ContinualModel
-
     result.model = ContinualModel.from_run(runner, text, tokenizer, settings, scenario, masks)
     return result
+
+
+def _text(model: nn.Module, stream, tokenizer, settings: RunConfig, criterion):
+    """A text stream → its setup (tokenized once), the benchmark and the route's criterion."""
+    if isinstance(stream, TextStream):
+        text = TextSetup(model, stream, tokenizer, settings.max_length, settings.template, settings.route)
+        return text, text.benchmark, criterion or text.criterion()
+    if tokenizer is not None:
+        raise ValueError("tokenizer= is for text streams (cl_benchmark, text_stream); this stream holds tensors")
+    return None, stream, criterion
 
 
 def _settings(config: RunConfig | None, settings: dict) -> RunConfig:
@@ -144,12 +136,16 @@ def _engine(engine: str, methods: list) -> str:
                            for m in methods) else "avalanche"
 
 
-def _mode(mode: str | None, holder: nn.Module, settings: RunConfig, steps: list[int], text):
-    from .text_model import unpack_text
-
-    return make_mode(mode, holder, settings.adapter, settings.adapter_options or {}, steps,
+def _mode(mode: str | None, holder: nn.Module, settings: RunConfig, train_exps: list, text):
+    """The adapter mode's hook object, its adapter in place (and task inference when asked)."""
+    steps = experience_steps([len(e.dataset) for e in train_exps], settings.epochs, settings.batch_size)
+    hook = make_mode(mode, holder, settings.adapter, settings.adapter_options or {}, steps,
                      calibration_samples=settings.calibration_samples, batch_size=settings.batch_size,
                      seed=settings.seed, as_inputs=unpack_text if text is not None else None)
+    if settings.task_inference is not None:
+        classes = {i: experience_classes(e) for i, e in enumerate(train_exps)}
+        hook.build_inference(settings.task_inference, classes, settings.eval_batch_size)
+    return hook
 
 
 def _record(settings: RunConfig, methods: list, engine: str, scenario: str, train_exps, test_exps, text,
