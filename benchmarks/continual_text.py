@@ -57,7 +57,7 @@ LORA = {"r": 8, "target_modules": ["query", "value"]}
 HIDDEN = 384  # MiniLM's width
 GRID_POINTS = 4  # every row's tuning budget: four (lr, knob) points
 # the rows that also run task-incremental (None: every row; a list cuts the budget)
-TI_ROWS = None  # every row; or a list of row keys
+TI_ROWS = ["naive", "seqlora", "olora", "kcl", "gkcl", "per_task_lora", "joint"]
 
 
 # ---- the rows ------------------------------------------------------------------------------------------------------
@@ -88,6 +88,7 @@ def _grid(lrs: list[float], knob: str | None = None, values: list | None = None)
 
 ADAPTER_LRS = [3e-4, 1e-3, 3e-3, 1e-2]
 TWO_LRS = [1e-3, 3e-3]
+HEAD_LR = 1e-2  # the new linear head's Adam rate in every adapter row (full fine-tuning tunes its own)
 FT_LRS = [2e-5, 5e-5]
 
 
@@ -95,7 +96,8 @@ def _lora(method="naive", mode="shared", method_options=None, adapter="lora", op
     def build(hp: dict, ctx: dict) -> dict:
         opts = method_options(hp, ctx) if callable(method_options) else dict(method_options or {})
         return {"method": method, "method_options": opts or None, "adapter": adapter,
-                "adapter_options": dict(options or LORA), "adapter_mode": mode, "lr": hp["lr"], **extra}
+                "adapter_options": dict(options or LORA), "adapter_mode": mode, "lr": hp["lr"],
+                "optimizer": split_optimizer(hp["lr"], HEAD_LR), **extra}
     return build
 
 
@@ -109,13 +111,14 @@ def _osf(hp: dict, ctx: dict) -> dict:
     import lifelong.continual as lc
 
     return {"method": "naive", "adapter": lc.osf_factory(["query", "value"], num_tasks=ctx["n_tasks"]),
-            "adapter_mode": "sequential", "lr": hp["lr"]}
+            "adapter_mode": "sequential", "lr": hp["lr"], "optimizer": split_optimizer(hp["lr"], HEAD_LR)}
 
 
 def _calibrated(name: str, **options):
     def build(hp: dict, ctx: dict) -> dict:
         return {"method": "naive", "adapter": name, "adapter_mode": "sequential", "calibration_samples": 64,
-                "adapter_options": {**LORA, "progress": False, **options}, "lr": hp["lr"]}
+                "adapter_options": {**LORA, "progress": False, **options}, "lr": hp["lr"],
+                "optimizer": split_optimizer(hp["lr"], HEAD_LR)}
     return build
 
 
@@ -124,7 +127,7 @@ def _migu_olora(hp: dict, ctx: dict) -> dict:
     return {"method": [{"name": "migu", "options": {"mask_ratio": hp["mask_ratio"]}},
                        {"name": "olora", "options": {"lambda1": lambda1}}],
             "adapter": "lora", "adapter_options": dict(LORA), "adapter_mode": "incremental", "lr": hp["lr"],
-            "fixed": {"lambda1": lambda1}}
+            "optimizer": split_optimizer(hp["lr"], HEAD_LR), "fixed": {"lambda1": lambda1}}
 
 
 def _kernel(method: str):
@@ -137,7 +140,7 @@ def _kernel(method: str):
 
 
 ROWS: dict[str, Row] = {r.key: r for r in [
-    Row("naive", "Full fine-tuning (naive)", "text", _grid(FT_LRS, "head_lr", [1e-3, 3e-3]), _full(), knob="head_lr"),
+    Row("naive", "Full fine-tuning (naive)", "text", _grid(FT_LRS, "head_lr", [3e-3, 1e-2]), _full(), knob="head_lr"),
     Row("seqlora", "SeqLoRA (shared LoRA, naive)", "text", _grid(ADAPTER_LRS), _lora()),
     Row("inclora", "IncLoRA (LoRA per task, all active)", "text", _grid(ADAPTER_LRS), _lora(mode="incremental")),
     Row("olora", "O-LoRA", "text", _grid(TWO_LRS, "lambda1", [0.1, 0.5]),
@@ -167,7 +170,7 @@ ROWS: dict[str, Row] = {r.key: r for r in [
         _kernel("gkcl"), scenarios=("task-incremental",), knob="samples_per_class"),
     Row("per_task_lora", "Per-task LoRA, routed by prototype", "text", _grid(ADAPTER_LRS), _lora(mode="per_task")),
     Row("per_task_ft", "Per-task fine-tuning (task id picks weights)", "text",
-        _grid(FT_LRS, "head_lr", [1e-3, 3e-3]), _full("per_task_finetune"), knob="head_lr"),
+        _grid(FT_LRS, "head_lr", [3e-3, 1e-2]), _full("per_task_finetune"), knob="head_lr"),
     Row("joint", "Joint multi-task LoRA (upper bound)", "text", _grid(ADAPTER_LRS), _lora("joint")),
 ]}
 
@@ -187,40 +190,66 @@ def split_optimizer(lr: float, head_lr: float):
 
 # ---- data ----------------------------------------------------------------------------------------------------------
 
-def cl_stream(folder, tasks, per_class, test_per_class, seed, scenario):
+def train_per_class(folder, task: str, per_class: int | None, per_task: int | None) -> int:
+    """Training examples per class of ``task``: ``per_class``, or ``⌈per_task / classes⌉`` (every task
+    then gets about ``per_task`` examples, so a 2-class task gets as many training steps as a 4-class one)."""
+    if per_task is None:
+        return per_class
+    from lifelong.continual.text import find_tasks
+
+    labels = json.loads((find_tasks(folder)[task] / "labels.json").read_text())
+    return math.ceil(per_task / len(labels))
+
+
+def cl_stream(folder, tasks, per_class, test_per_class, seed, scenario, per_task=None):
+    """The benchmark stream: each task's sizes from ``per_class`` or ``per_task`` (see train_per_class)."""
     import lifelong.continual as lc
 
-    return lc.cl_benchmark(folder, tasks, n_train=per_class, n_test=test_per_class, seed=seed,
-                           task_incremental=scenario == "task-incremental")
+    ti = scenario == "task-incremental"
+    if per_task is None:
+        return lc.cl_benchmark(folder, tasks, n_train=per_class, n_test=test_per_class, seed=seed, task_incremental=ti)
+    parts = [lc.cl_benchmark(folder, [t], n_train=train_per_class(folder, t, per_class, per_task),
+                             n_test=test_per_class, seed=seed + 1000 * i) for i, t in enumerate(tasks)]
+    specs = []
+    for part in parts:
+        task, names = part.tasks[0], part.class_names
+        specs.append((task.train_texts, [names[c] for c in task.train_labels], task.test_texts,
+                      [names[c] for c in task.test_labels], [names[c] for c in task.classes]))
+    return lc.text_stream(specs, names=list(tasks), task_incremental=ti)
 
 
-def validation_stream(folder, tasks, per_class, val_per_class, scenario, seed=0):
-    """The first tasks' training files only: ``per_class`` to train on and ``val_per_class`` held out to
-    score the grid (the test files are never read for tuning)."""
-
+def validation_stream(folder, tasks, per_class, val_per_class, scenario, seed=0, per_task=None):
+    """The first tasks' training files only: the training share (``per_class`` or ``per_task``) to train
+    on and ``val_per_class`` per class held out to score the grid (the test files are never read)."""
     import lifelong.continual as lc
 
-    full = lc.cl_benchmark(folder, tasks, n_train=per_class + val_per_class, n_test=1, seed=10_000 + seed,
-                           task_incremental=True)
-    return split_validation(full, per_class, scenario, seed)
+    sizes = [train_per_class(folder, t, per_class, per_task) for t in tasks]
+    parts = [lc.cl_benchmark(folder, [t], n_train=k + val_per_class, n_test=1, seed=10_000 + seed + 1000 * i)
+             for i, (t, k) in enumerate(zip(tasks, sizes))]
+    specs = [(p.tasks[0].train_texts, [p.class_names[c] for c in p.tasks[0].train_labels], ["-"], [p.class_names[0]],
+              [p.class_names[c] for c in p.tasks[0].classes]) for p in parts]
+    full = lc.text_stream(specs, names=list(tasks), task_incremental=True)
+    return split_validation(full, sizes, scenario, seed)
 
 
 def split_validation(full, per_class, scenario, seed=0):
-    """Split each task's training items per class: ``per_class`` to train, the rest as the test set."""
+    """Split each task's training items per class: ``per_class`` (one number, or one per task) to train,
+    the rest as the test set."""
     import numpy as np
 
     import lifelong.continual as lc
 
     specs, names = [], []
     rng = np.random.default_rng(seed)
-    for task in full.tasks:
+    for i, task in enumerate(full.tasks):
+        k = per_class[i] if isinstance(per_class, (list, tuple)) else per_class
         labels = [full.class_names[c] for c in task.classes]
         tr, va = [], []
         for c in task.classes:
             idx = [k for k, y in enumerate(task.train_labels) if y == c]
             idx = [idx[k] for k in rng.permutation(len(idx))]
-            tr += idx[:per_class]
-            va += idx[per_class:]
+            tr += idx[:k]
+            va += idx[k:]
         text = lambda ids: [task.train_texts[k] for k in ids]  # noqa: E731
         lab = lambda ids: [full.class_names[task.train_labels[k]] for k in ids]  # noqa: E731
         specs.append((text(tr), lab(tr), text(va), lab(va), labels))
@@ -493,9 +522,9 @@ def run_all(args, make_stream: Callable | None = None, make_val: Callable | None
     out.mkdir(parents=True, exist_ok=True)
     rows = [ROWS[k] for k in args.rows]
     make_stream = make_stream or (lambda tasks, seed, sc: cl_stream(args.folder, tasks, args.per_class,
-                                                                     args.test_per_class, seed, sc))
+                                                                     args.test_per_class, seed, sc, args.per_task))
     make_val = make_val or (lambda sc: validation_stream(args.folder, args.orders[0][:2], args.per_class,
-                                                         args.val_per_class, sc))
+                                                         args.val_per_class, sc, per_task=args.per_task))
     start = time.perf_counter()
     if args.worker is not None:
         work(args, rows, make_stream, make_val, (args.worker, args.jobs))
@@ -637,6 +666,8 @@ CLAIMS = [
      [("kore_seq", "seqlora", "forgetting", -1, 0.0), ("corda_seq", "seqlora", "forgetting", -1, 0.0)]),
     ("CLASSP and power-law rehearsal beat naive (both on the same LoRA as SeqLoRA)",
      [("classp", "seqlora", "acc", 1, 0.0), ("powerlaw", "seqlora", "acc", 1, 0.0)]),
+    ("CLASSP and power-law rehearsal (on LoRA) beat naive full fine-tuning",
+     [("classp", "naive", "acc", 1, 0.0), ("powerlaw", "naive", "acc", 1, 0.0)]),
     ("GKCL matches KCL's accuracy without storing samples (Derakhshani et al.; margin: within 2 points)",
      [("gkcl", "kcl", "acc", 1, 0.02)]),
     ("Routed per-task adapters approach per-task fine-tuning (margin: within 5 points)",
@@ -696,14 +727,17 @@ def report(results, meta, rows, args) -> str:
              "that file.", "",
              "## Protocol", "",
              f"- Model: all-MiniLM-L6-v2 (22M parameters) + a linear head on the mean-pooled tokens; max_length "
-             f"{args.max_length}, batch {args.batch_size}, {args.epochs} epochs per task, Adam; precision "
+             f"{args.max_length}, batch {args.batch_size}, {args.epochs} epochs per task, Adam (adapter rows: the new head at {HEAD_LR:g}, the adapter at the tuned lr); precision "
              f"{args.precision}, length-bucketed batches {args.length_buckets}.",
-             f"- Tasks (orders): " + "; ".join(" → ".join(o) for o in args.orders) + f". {args.per_class} training "
-             f"and {args.test_per_class} test examples per class, drawn per seed; seeds {args.seeds}; "
+             f"- Tasks (orders): " + "; ".join(" → ".join(o) for o in args.orders) + ". "
+             + (f"{args.per_class} training examples per class" if args.per_task is None else
+                f"{args.per_task} training examples per task (⌈{args.per_task} / classes⌉ per class: a 2-class task "
+                f"gets as many steps as a 4-class one)") + f" and {args.test_per_class} test examples per class, "
+             f"drawn per seed; seeds {args.seeds}; "
              f"ACC ± half-width of the 95 % t-interval over the {len(args.orders)} orders × {len(args.seeds)} seeds.",
              "- Class-incremental: one head over all classes, no task id at test time. Task-incremental: logits "
              "restricted to the task's classes.",
-             f"- Tuning: the first two tasks of the first order, {args.per_class} training and {args.val_per_class} "
+             f"- Tuning: the first two tasks of the first order, the same training share and {args.val_per_class} "
              f"held-out validation examples per class from the training files (the test files are not read), "
              f"class-incremental (KCL/GKCL: task-incremental), seed 0; {GRID_POINTS} grid points per row, the "
              f"same epochs; the best validation ACC wins. The same values serve both scenarios. Grids: "
@@ -853,7 +887,10 @@ def parse_args(argv=None):
     p.add_argument("--ti-rows", nargs="+", default=TI_ROWS, choices=list(ROWS),
                    help="the rows that also run task-incremental (the budget; default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--per-class", type=int, default=24, help="training examples per class and task")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="training examples per class and task (instead of --per-task)")
+    p.add_argument("--per-task", type=int, default=128,
+                   help="training examples per task, split evenly over its classes (default: %(default)s)")
     p.add_argument("--test-per-class", type=int, default=16)
     p.add_argument("--val-per-class", type=int, default=16, help="held-out validation examples per class (tuning)")
     p.add_argument("--epochs", type=int, default=2)
@@ -876,6 +913,8 @@ def parse_args(argv=None):
     p.add_argument("--speed-task", default="amazon", help="the task --speed trains on (default: %(default)s)")
     p.add_argument("--speed-compile", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
+    if args.per_class is not None:
+        args.per_task = None
     first = args.tasks or DEFAULT_TASKS
     args.orders = [o.split(",") for o in args.orders] if args.orders else [first, list(reversed(first))]
     args.tasks = args.orders[0]
