@@ -167,6 +167,10 @@ class PerTask(AdapterMode):
             return {}
         return {"task_inference_accuracy": self.task_router.accuracy()}
 
+    def memory(self) -> dict:
+        """Every task's adapter is kept for inference."""
+        return {"stored_adapter_floats": _adapter_floats(self.router)}
+
     def state_dict(self) -> dict:
         return {"router": self.task_router.router.state_dict()} if self.task_router is not None else {}
 
@@ -293,6 +297,10 @@ class Incremental(AdapterMode):
         names = sorted(self.names, key=experience_index)
         return {"subspace_overlap": subspace_overlap(self.holder, names[-1])} if names else {}
 
+    def memory(self) -> dict:
+        """Every experience's adapter stays (frozen and active)."""
+        return {"stored_adapter_floats": _adapter_floats(self.holder.backbone)}
+
     def structure(self) -> dict:
         return {"adapters": self.names}
 
@@ -304,6 +312,11 @@ class Incremental(AdapterMode):
                                                  **self.options_for(self.steps[i] if i < len(self.steps) else 1))
         if structure["adapters"]:
             self.activate(structure["adapters"][-1])
+
+
+def _adapter_floats(adapted) -> int:
+    """Numbers held by all the adapters of an adapted model (what a per-task or incremental run keeps)."""
+    return sum(p.numel() for layer in adapted.adapted_layers() for a in layer.adapters.values() for p in a.parameters())
 
 
 def experience_index(name: str) -> int:

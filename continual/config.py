@@ -61,7 +61,9 @@ class RunConfig:
         precision: ``fp32``, or ``bf16`` (``torch.autocast`` around forward passes; adapters keep
             fp32 weights; on CPUs with AVX512-BF16 or AMX this is faster).
         length_buckets: batch text samples of similar length (less padding; text streams only).
-        compile: ``torch.compile`` the model's forward (inductor; first steps are slow while it compiles).
+        compile: ``torch.compile`` the model's forward (inductor). On text streams each batch is cut to
+            its longest sample, so the graph recompiles per width: measured 0.22× the eager speed on
+            MiniLM here; it pays only for fixed-shape (tensor) inputs.
         fsdp: under several processes, shard the model with FSDP2 (``fully_shard`` on every block of
             layers and on the backbone): for models too large for one device. Shared adapters or none.
     """

@@ -57,6 +57,8 @@ def test_inclora_keeps_earlier_adapters_bit_identical_and_all_active(split3):
     assert adapted.active_adapters == ["exp_0", "exp_1", "exp_2"]
     assert any("exp_2" in n for n, p in adapted.named_parameters() if p.requires_grad)
     assert not any(("exp_0" in n or "exp_1" in n) for n, p in adapted.named_parameters() if p.requires_grad)
+    stored = sum(p.numel() for n, p in adapted.named_parameters() if "exp_" in n)
+    assert res.memory["stored_adapter_floats"] == stored > 0  # every experience's adapter is kept
     overlap = res.metrics["subspace_overlap"]
     assert overlap == pytest.approx(subspace_overlap(res.model.module, "exp_2")) and 0 < overlap < 2
 
