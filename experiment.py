@@ -236,14 +236,17 @@ def check_annotated_type(where: str, value: Any, annotation: Any) -> None:
     expected = {"int": int, "float": float, "bool": bool, "str": str}.get(text.removesuffix(" | None"))
     if expected is None or (optional and value is None):
         return
-    if expected is bool:
-        ok = isinstance(value, bool)
-    elif expected is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, expected) and not isinstance(value, bool)
-    if not ok:
+    if not is_of_type(value, expected):
         raise ConfigError(f"{where} must be {expected.__name__}{' or null' if optional else ''}, got {value!r}")
+
+
+def is_of_type(value: Any, expected: type) -> bool:
+    """YAML's reading of ``expected``: a bool is only a bool, an int is a float too."""
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, expected) and not isinstance(value, bool)
 
 
 def check_stream_options(stream: dict) -> None:
@@ -379,15 +382,8 @@ def typed_section(section: Any, types: dict[str, type], where: str) -> dict:
         raise ConfigError(f"{where} must be a mapping, got {section!r}")
     check_keys(section, set(types), where)
     for key, value in section.items():
-        expected = types[key]
-        if expected is bool:
-            ok = isinstance(value, bool)
-        elif expected is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, expected) and not isinstance(value, bool)
-        if not ok:
-            raise ConfigError(f"{where}.{key} must be {expected.__name__}, got {value!r}")
+        if not is_of_type(value, types[key]):
+            raise ConfigError(f"{where}.{key} must be {types[key].__name__}, got {value!r}")
     return dict(section)
 
 

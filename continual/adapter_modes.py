@@ -27,6 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.model import AdaptedModel, wrap
+from ..adapters.registry import get_method, lora_shaped_methods
+from ..adapters.routing import TaskRoutedModel
 from .hooks import Context, ContinualMethod
 
 __all__ = ["AdapterMode", "Backbone", "MODES", "adapted_model", "experience_index", "experience_steps", "make_mode",
@@ -46,15 +49,11 @@ class Backbone(nn.Module):
 
 def adapted_model(holder: nn.Module):
     """The :class:`~lifelong.adapters.model.AdaptedModel` inside ``holder`` (its backbone), or None."""
-    from lifelong.adapters.model import AdaptedModel
-
     backbone = getattr(holder, "backbone", None)
     return backbone if isinstance(backbone, AdaptedModel) else None
 
 
 def _takes_total_steps(adapter: Any) -> bool:
-    from lifelong.adapters.registry import get_method
-
     return isinstance(adapter, str) and "total_steps" in {f.name for f in fields(get_method(adapter).config_cls)}
 
 
@@ -65,11 +64,11 @@ class AdapterMode(ContinualMethod):
     keeps_optimizer = True  # the trainable tensors stay the same from one experience to the next
 
     def __init__(self, holder: nn.Module, adapter: Any = None, options: dict | None = None,
-                 steps: list[int] | None = None, **settings: Any):
+                 steps: list[int] | None = None, **calibration: Any):
         self.holder, self.adapter = holder, adapter
         self.options = dict(options or {})
         self.steps = list(steps or [])  # optimizer steps of each experience (estimated before the run)
-        self.settings_ = settings
+        self.calibration = calibration  # sequential mode: calibration_samples, batch_size, seed, as_inputs
 
     def build(self) -> None:
         """Put the first adapter structure in place (called once, before training)."""
@@ -111,9 +110,7 @@ class Shared(AdapterMode):
     name = "shared"
 
     def build(self) -> None:
-        import lifelong
-
-        self.holder.backbone = lifelong.wrap(self.holder.backbone, self.adapter,
+        self.holder.backbone = wrap(self.holder.backbone, self.adapter,
                                              **self.options_for(sum(self.steps)))
 
 
@@ -122,10 +119,9 @@ class PerTask(AdapterMode):
 
     name = "per_task"
     keeps_optimizer = False
+    inference = None  # a TaskInference when task_inference= is set (build_inference)
 
     def build(self) -> None:
-        from lifelong.adapters.routing import TaskRoutedModel
-
         self.holder.backbone = TaskRoutedModel(self.holder.backbone, self.adapter)
 
     @property
@@ -135,7 +131,7 @@ class PerTask(AdapterMode):
     @property
     def task_router(self):
         """The task inference (``task_inference=...``), or None (the task id routes)."""
-        return getattr(self, "inference", None)
+        return self.inference
 
     def build_inference(self, kind: str | None, classes: dict[int, list[int]], batch_size: int) -> None:
         if kind is not None:
@@ -217,20 +213,18 @@ class Sequential(AdapterMode):
                                  f"for experience {index}; it must return the adapted model (e.g. get_peft_model(...))")
             self.holder.backbone = made
         else:
-            import lifelong
-
             if index == 0 and self.first_calibration is not None:
                 calibration = self.first_calibration
             else:
                 calibration = list(self._batches(experiences[:index] if index > 0 else experiences[:1]))
-            self.holder.backbone = lifelong.wrap(backbone, self.adapter, calibration=calibration, **self.options)
+            self.holder.backbone = wrap(backbone, self.adapter, calibration=calibration, **self.options)
         self.prepared = index
 
     def _batches(self, experiences: list) -> Iterator[Any]:
         device = next(self.holder.parameters()).device
-        samples, batch_size, seed = (self.settings_["calibration_samples"], self.settings_["batch_size"],
-                                     self.settings_["seed"])
-        as_inputs = self.settings_.get("as_inputs") or (lambda x: x)
+        samples, batch_size, seed = (self.calibration["calibration_samples"], self.calibration["batch_size"],
+                                     self.calibration["seed"])
+        as_inputs = self.calibration.get("as_inputs") or (lambda x: x)
         for j, exp in enumerate(experiences):
             data = exp.dataset
             g = torch.Generator().manual_seed(seed * 1_000_003 + j)
@@ -249,8 +243,6 @@ class Sequential(AdapterMode):
 
 def _unload(backbone: nn.Module) -> nn.Module:
     """The plain model under an adapter, with the adapter merged in (ours, or a PEFT model's)."""
-    from lifelong.adapters.model import AdaptedModel
-
     if isinstance(backbone, AdaptedModel) or hasattr(backbone, "merge_and_unload"):
         return backbone.merge_and_unload()
     return backbone
@@ -263,9 +255,6 @@ class Incremental(AdapterMode):
     keeps_optimizer = False
 
     def build(self) -> None:
-        from lifelong.adapters.model import AdaptedModel
-        from lifelong.adapters.registry import lora_shaped_methods
-
         if self.adapter not in lora_shaped_methods():
             raise ValueError(f"adapter_mode='incremental' needs a LoRA-shaped adapter ({', '.join(lora_shaped_methods())}),"
                              f" got {self.adapter!r}")

@@ -12,11 +12,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from ..checks import non_negative_int, one_of, positive_int, positive_number
+from .registry import ALL_ENGINES, ALL_MODES
 
 __all__ = ["RunConfig", "ENGINES", "ADAPTER_MODES", "OPTIMIZERS", "ROUTES", "TASK_INFERENCE", "SCALAR_KEYS"]
 
-ENGINES = ("auto", "native", "avalanche", "trainer")
-ADAPTER_MODES = ("shared", "per_task", "sequential", "incremental")
+ENGINES = ("auto", *ALL_ENGINES)
+ADAPTER_MODES = tuple(mode for mode in ALL_MODES if mode != "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 ROUTES = ("auto", "head", "verbalizer")
 TASK_INFERENCE = ("prototype", "confidence")

@@ -184,9 +184,6 @@ class ContinualMethod:
         return {}
 
 
-HOOKS = ("before_experience", "after_backward", "after_step", "after_experience")
-
-
 class HookList:
     """Several methods (and adapter-mode hooks) called as one, in order."""
 

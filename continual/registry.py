@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from .hooks import ContinualMethod
 
-__all__ = ["ALL_ENGINES", "ALL_MODES", "Capabilities", "available_methods", "build_methods", "check_run",
-           "method_class", "register_method"]
+__all__ = ["ALL_ENGINES", "ALL_MODES", "Capabilities", "available_methods", "build_methods", "capabilities_of",
+           "check_run", "method_class", "register_method"]
 
 ALL_ENGINES = ("native", "avalanche", "trainer")
 #: adapter modes; "none" = no adapter (every parameter trains)
@@ -108,7 +108,7 @@ def build_methods(method: Any, options: dict | None = None) -> list[ContinualMet
     if len(set(names)) != len(names):
         raise ValueError(f"method list {names} names a method twice")
     if len(methods) > 1:
-        alone = [m.name for m in methods if not _caps(m).combines]
+        alone = [m.name for m in methods if not capabilities_of(m).combines]
         if alone:
             raise ValueError(f"method(s) {alone} cannot be combined with other methods")
     return methods
@@ -130,7 +130,8 @@ def _one(item: Any, options: dict) -> ContinualMethod:
     return method_class(item)(**options)
 
 
-def _caps(method: ContinualMethod) -> Capabilities:
+def capabilities_of(method: ContinualMethod) -> Capabilities:
+    """What ``method`` declared at registration (an unregistered object: the defaults)."""
     return method.capabilities or Capabilities()
 
 
@@ -138,7 +139,7 @@ def check_run(methods: list[ContinualMethod], *, engine: str, mode: str | None, 
               fsdp: bool = False) -> None:
     """Refuse, before training, a method combined with what it does not declare."""
     for m in methods:
-        caps = _caps(m)
+        caps = capabilities_of(m)
         asked = {"engine": engine, "adapter mode": mode or "none", "stream": stream}
         allowed = {"engine": caps.engines, "adapter mode": caps.adapter_modes, "stream": caps.streams}
         for what, value in asked.items():

@@ -44,7 +44,7 @@ from .loop import (Experience, evaluate_stream, experience_seed, fingerprint, lo
                    task_class_masks)
 from .metrics import AccuracyMatrix
 from .model import ContinualModel
-from .registry import build_methods, check_run
+from .registry import build_methods, capabilities_of, check_run
 from .result import StreamResult
 from .streams import check_benchmark, experience_classes, scenario_of
 from .text import TextStream
@@ -132,8 +132,7 @@ def _engine(engine: str, methods: list) -> str:
     """``auto``: native when every method runs there, else Avalanche (Avalanche-only baselines)."""
     if engine != "auto":
         return engine
-    return "native" if all("native" in (m.capabilities.engines if m.capabilities else ("native",))
-                           for m in methods) else "avalanche"
+    return "native" if all("native" in capabilities_of(m).engines for m in methods) else "avalanche"
 
 
 def _mode(mode: str | None, holder: nn.Module, settings: RunConfig, train_exps: list, text):

@@ -304,14 +304,16 @@ class Server:
                 return False
 
     def _direction(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The update direction the next step applies (each server defines its own rule)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _direction()")
 
     def _pending_sizes(self) -> list[tuple[Hashable, float]]:
         """(key, size) of each upload that the next step would use for the first time."""
         return []
 
     def _discard(self, key: Hashable) -> None:
-        raise NotImplementedError
+        """Drop the pending upload ``key`` that would make the step overflow (each server holds its own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _discard() to reject an overflowing upload")
 
     def _ready(self) -> bool:
         return True

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import lifelong.continual as lc
+from trainer_doubles import DictData, TinyNet
 from lifelong.continual import Context, ContinualMethod, MethodConfig, register_method
 
 torch.set_num_threads(1)
@@ -236,28 +237,6 @@ def test_continual_modules_import_without_cycles():
 
 
 # ---- the hooks inside a Trainer of the user's own ------------------------------------------------------------
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3))
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.x, self.y = torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": self.y[i]}
-
-
 def _trainer(model, data, callback):
     from transformers import Trainer, TrainingArguments
 
@@ -269,7 +248,7 @@ def _trainer(model, data, callback):
 def test_continual_callback_rehearses_in_a_users_trainer_and_ends_without_experiences():
     from types import SimpleNamespace
 
-    experiences = [SimpleNamespace(dataset=_Data(40, 0)), SimpleNamespace(dataset=_Data(30, 1))]
+    experiences = [SimpleNamespace(dataset=DictData(40, 0)), SimpleNamespace(dataset=DictData(30, 1))]
     env = lc.PowerLawReplay(ratio=0.5)
     env.remember(40)  # experience 0 was trained before
     callback = lc.ContinualCallback(env, task_index=1, experiences=experiences)
@@ -277,15 +256,15 @@ def test_continual_callback_rehearses_in_a_users_trainer_and_ends_without_experi
     assert len(data) == 30 + 15  # the current data and this phase's rehearsal of experience 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _trainer(_Net(), data, callback).train()
+        _trainer(TinyNet(), data, callback).train()
     assert env.past_sizes == [40, 30]
     with pytest.raises(ValueError, match="callback.train_dataset"):  # a Trainer on the bare data would not rehearse
-        _trainer(_Net(), experiences[1].dataset, lc.ContinualCallback(lc.PowerLawReplay(ratio=0.5), 1,
+        _trainer(TinyNet(), experiences[1].dataset, lc.ContinualCallback(lc.PowerLawReplay(ratio=0.5), 1,
                                                                       experiences)).train()
     migu = lc.MIGU(start_task=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _trainer(_Net(), _Data(16, 2), lc.ContinualCallback(migu)).train()  # experiences=None: ends cleanly
+        _trainer(TinyNet(), DictData(16, 2), lc.ContinualCallback(migu)).train()  # experiences=None: ends cleanly
     assert not migu.attached
     with pytest.raises(ValueError, match="add to the loss"):
         lc.ContinualCallback(lc.EWC())

@@ -315,29 +315,10 @@ def test_hf_trainer_callback_masks_one_step():
     from transformers import Trainer, TrainingArguments
 
     from lifelong.continual import ContinualCallback
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3))
-
-        def forward(self, x, labels=None):
-            logits = self.net(x)
-            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-    class Data(torch.utils.data.Dataset):
-        def __init__(self):
-            g = torch.Generator().manual_seed(0)
-            self.x, self.y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
-
-        def __len__(self):
-            return 32
-
-        def __getitem__(self, i):
-            return {"x": self.x[i], "labels": self.y[i]}
+    from trainer_doubles import DictData, TinyNet
 
     torch.manual_seed(0)
-    model = Net()
+    model = TinyNet()
     before = model.net[0].weight.detach().clone()
     migu = MIGU(mask_ratio=0.75, start_task=0)
     callback = ContinualCallback(migu, task_index=0)
@@ -347,7 +328,7 @@ def test_hf_trainer_callback_masks_one_step():
                              disable_tqdm=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback]).train()
+        Trainer(model=model, args=args, train_dataset=DictData(32, 0), callbacks=[callback]).train()
     changed = (model.net[0].weight.detach() != before).any(1)
     assert int(changed.sum()) == 12 - int(0.75 * 12)  # one optimizer step: exactly the kept rows moved
     assert not migu.attached

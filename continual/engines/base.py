@@ -20,6 +20,7 @@ from torch import nn
 from ..adapter_modes import AdapterMode
 from ..distributed import ShardedLoader, all_reduce_sum, rank, world_size
 from ..hooks import Context, ContinualMethod, HookList
+from ..registry import capabilities_of
 from ..loop import experience_seed, make_optimizer, restrict_logits, set_candidates, shuffled_loader, trainable, unpack
 
 __all__ = ["Engine"]
@@ -44,7 +45,7 @@ class Engine:
         self.criterion, self.masks, self.scenario, self.device = criterion, masks, scenario, device
         self.epochs, self.batch_size, self.seed, self.lr = (settings.epochs, settings.batch_size, settings.seed,
                                                             settings.lr)
-        self.owner = methods[0] if methods[0].capabilities is not None and methods[0].capabilities.owns_loop else None
+        self.owner = methods[0] if capabilities_of(methods[0]).owns_loop else None
         self.optimizer: torch.optim.Optimizer | None = None
         self._optimized: list[int] = []
         self.world, self.rank = world_size(), rank()
@@ -53,6 +54,10 @@ class Engine:
     @property
     def name(self) -> str:
         return "+".join(m.name for m in self.methods)
+
+    def setup(self, train_exps: list) -> None:
+        """Once, before the first experience: what the engine builds from the whole stream
+        (the native engine sizes a method that owns its loop, the Avalanche one its strategy)."""
 
     # ---- FSDP2 --------------------------------------------------------------------------------------
     def shard(self) -> None:

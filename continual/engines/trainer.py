@@ -76,22 +76,24 @@ class ContinualCallback(_HookCallback):
             experiences = [SimpleNamespace(dataset=None)] * self.task_index + [SimpleNamespace(dataset=dataset)]
         return Context(model=model, experience=self.task_index, experiences=experiences)
 
+    @property
+    def rehearses(self) -> bool:
+        """Whether a method changes the training data (rehearsal)."""
+        return any(type(m).train_dataset is not ContinualMethod.train_dataset for m in self.hooks.hooks)
+
     def train_dataset(self, dataset):
         """What the Trainer must train on for this experience: ``dataset`` plus what the methods add."""
-        ctx = self._context(None, dataset)
-        self._dataset = self.hooks.train_dataset(ctx) if self.experiences is not None else dataset
-        if self.experiences is None and any(type(m).train_dataset is not ContinualMethod.train_dataset
-                                            for m in self.hooks.hooks):
+        if self.rehearses and self.experiences is None:
             raise ValueError("a method that adds training data (rehearsal) needs experiences=[...] (the stream's "
                              "training experiences) to find earlier data")
+        self._dataset = self.hooks.train_dataset(self._context(None, dataset)) if self.rehearses else dataset
         return self._dataset
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if model is None:
             raise ValueError(f"{type(self).__name__} needs the model (the Trainer passes it as model=...)")
         data = getattr(train_dataloader, "dataset", None)
-        rehearses = any(type(m).train_dataset is not ContinualMethod.train_dataset for m in self.hooks.hooks)
-        if rehearses and (self._dataset is None or data is not self._dataset):
+        if self.rehearses and (self._dataset is None or data is not self._dataset):
             raise ValueError("this method adds training data: build the Trainer with "
                              "train_dataset=callback.train_dataset(your_dataset)")
         self.ctx = self._context(model, data)
@@ -146,9 +148,6 @@ class TrainerEngine(Engine):
         super().__init__(*args, **kwargs)
         self.training_args = dict(self.settings.training_args or {})
         self.timer = _StepTimer()
-
-    def setup(self, train_exps: list) -> None:
-        pass
 
     def _arguments(self, folder: str, i: int) -> TrainingArguments:
         options = {
